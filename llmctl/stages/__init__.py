@@ -1,0 +1,31 @@
+"""Stage registrations, in pipeline order. One entry per stage; see registry.py for the fields."""
+
+from llmctl.stages.registry import (
+    CORPUS,
+    STAGES,
+    InputSlot,
+    Stage,
+    pipeline_stages,
+    register,
+)
+
+register(
+    Stage(
+        name="dedup",
+        description="Remove exact and near-duplicate documents (MinHash LSH).",
+        output_kind=CORPUS,
+        sections=("dedup",),
+        reads_sources=True,
+    )
+)
+register(
+    Stage(
+        name="filter",
+        description="Drop low-quality documents with datatrove's quality filters; mask PII.",
+        output_kind=CORPUS,
+        sections=("filter",),
+        inputs=(InputSlot("corpus", (CORPUS,), ("dedup",), sources_fallback=True),),
+    )
+)
+
+__all__ = ["STAGES", "InputSlot", "Stage", "pipeline_stages", "register"]

@@ -1,0 +1,101 @@
+"""The `llmctl` command tree: root options, command registration, and error-to-exit-code mapping.
+
+Exit codes: 0 ok, 1 failure, 2 usage/config/input error, 130 interrupted. Errors print one
+`Error:` line (plus one line per config key) and a `Hint:`; tracebacks only with LLMCTL_DEBUG=1.
+Nothing heavy is imported here: commands import torch/datatrove inside their bodies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmctl import __version__
+from llmctl.cli import artifacts, pipeline, project, stages
+from llmctl.cli.options import CliState
+from llmctl.errors import Interrupted, LlmctlError
+
+app = typer.Typer(
+    name="llmctl",
+    help="Build language models end to end: dedup, filter, tokenize, pretrain, eval — one artifact per stage.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")] = False,
+    project_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "-C",
+            "--project",
+            help="Project folder (default: the nearest folder at or above the current one with llmctl.yaml).",
+            show_default=False,
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail in logs.")] = False,
+) -> None:
+    """llmctl: raw documents to an evaluated language model.
+
+    [bold]Start:[/] llmctl init demo && llmctl -C demo run
+    """
+    ctx.obj = CliState(project_option=project_dir, json=json_, quiet=quiet, verbose=verbose)
+
+
+project.register(app)
+artifacts.register(app)
+pipeline.register(app)
+stages.register(app)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    json_mode = "--json" in sys.argv[1:]
+    try:
+        app()
+    except LlmctlError as exc:
+        from llmctl.cli.output import Output
+
+        if os.environ.get("LLMCTL_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        Output(json_mode=json_mode).error(exc)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug, not a user error: say so, and how to get the traceback
+        from llmctl.cli.output import Output
+
+        if os.environ.get("LLMCTL_DEBUG") == "1":
+            raise
+        internal = LlmctlError(
+            f"internal error: {type(exc).__name__}: {exc}",
+            hint="rerun with LLMCTL_DEBUG=1 for the traceback, and please report it",
+        )
+        Output(json_mode=json_mode).error(internal)
+        sys.exit(1)

@@ -1,0 +1,210 @@
+"""The one output sink of the CLI: data to stdout, everything else to stderr.
+
+Data is either rendered for people (rich tables/text) or printed as exactly one JSON document
+(`--json`). Logs, warnings, progress and hints go to stderr. Progress is a rich bar on a TTY and
+plain, rate-limited lines otherwise (or with --json), so logs of batch jobs stay readable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    ProgressColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from rich.text import Text
+
+from llmctl.errors import ConfigError, LlmctlError
+from llmctl.reporting import ProgressTask, Reporter
+
+
+def _fields_text(fields: dict[str, Any]) -> str:
+    parts = []
+    for key, value in fields.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second in the task's own unit (docs/s, tok/s, steps/s)."""
+
+    def render(self, task: Any) -> Text:
+        unit = task.fields.get("unit", "it")
+        if task.speed is None:
+            return Text(f"? {unit}/s", style="progress.data.speed")
+        return Text(f"{task.speed:,.1f} {unit}/s", style="progress.data.speed")
+
+
+class _RichTask(ProgressTask):
+    def __init__(self, progress: Progress, description: str, total: float | None, unit: str, on_close):
+        self._progress = progress
+        self._on_close = on_close
+        self._fields: dict[str, Any] = {}
+        self._id = progress.add_task(description, total=total, info="", unit=unit)
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        self._fields.update(fields)
+        self._progress.update(self._id, advance=n, info=_fields_text(self._fields))
+
+    def update(self, completed: float | None = None, total: float | None = None, **fields: Any) -> None:
+        self._fields.update(fields)
+        self._progress.update(self._id, completed=completed, total=total, info=_fields_text(self._fields))
+
+    def __exit__(self, *exc: object) -> None:
+        self._on_close(self._id)
+
+
+class _PlainTask(ProgressTask):
+    """A line every `interval` seconds and one at the end: `dedup 4,000/10,000 docs 812 docs/s eta 7s`."""
+
+    def __init__(self, console: Console, description: str, total: float | None, unit: str, interval: float):
+        self._console, self._description, self._total, self._unit = console, description, total, unit
+        self._interval = interval
+        self._done = 0.0
+        self._fields: dict[str, Any] = {}
+        self._start = self._last = time.monotonic()
+
+    def _line(self) -> str:
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        rate = self._done / elapsed
+        count = f"{self._done:,.0f}" + (f"/{self._total:,.0f}" if self._total else "")
+        eta = ""
+        if self._total and rate > 0 and self._done < self._total:
+            eta = f" eta {(self._total - self._done) / rate:.0f}s"
+        extra = f" {_fields_text(self._fields)}" if self._fields else ""
+        return f"{self._description}: {count} {self._unit} {rate:,.1f} {self._unit}/s{eta}{extra}"
+
+    def _maybe_print(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._console.print(self._line(), highlight=False, markup=False)
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        self._done += n
+        self._fields.update(fields)
+        self._maybe_print()
+
+    def update(self, completed: float | None = None, total: float | None = None, **fields: Any) -> None:
+        if completed is not None:
+            self._done = completed
+        if total is not None:
+            self._total = total
+        self._fields.update(fields)
+        self._maybe_print()
+
+    def __exit__(self, *exc: object) -> None:
+        self._console.print(self._line(), highlight=False, markup=False)
+
+
+class CliReporter(Reporter):
+    """Reporter for the terminal: rich bars on a TTY, plain lines otherwise; silent logs with --quiet."""
+
+    def __init__(self, console: Console, *, quiet: bool, plain: bool, interval: float = 5.0):
+        self._console = console
+        self._quiet = quiet
+        self._plain = plain
+        self._interval = interval
+        self._progress: Progress | None = None
+        self._open = 0
+
+    def log(self, message: str) -> None:
+        if not self._quiet:
+            self._console.print(message, highlight=False, markup=False)
+
+    def warn(self, message: str) -> None:
+        self._console.print(Text.assemble(("Warning: ", "yellow"), message))
+
+    def progress(self, description: str, total: float | None = None, unit: str = "it") -> ProgressTask:
+        if self._quiet:
+            return ProgressTask()
+        if self._plain:
+            return _PlainTask(self._console, description, total, unit, self._interval)
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                _RateColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self._console,
+                transient=False,
+            )
+            self._progress.start()
+        self._open += 1
+        return _RichTask(self._progress, description, total, unit, self._close)
+
+    def _close(self, task_id: Any) -> None:
+        self._open -= 1
+        if self._open == 0 and self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class Output:
+    """Where every command writes. `json_mode` means: exactly one JSON document on stdout."""
+
+    def __init__(self, *, json_mode: bool = False, quiet: bool = False, verbose: bool = False):
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.verbose = verbose
+        self.stdout = Console(soft_wrap=True)
+        self.stderr = Console(stderr=True, soft_wrap=True)
+
+    def reporter(self) -> CliReporter:
+        plain = self.json_mode or not self.stderr.is_terminal
+        return CliReporter(self.stderr, quiet=self.quiet, plain=plain)
+
+    def result(self, data: Any, render: Callable[[Console], None] | None = None) -> None:
+        """Emit a command's result: JSON with --json, else `render(console)` (or pretty JSON)."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+            sys.stdout.flush()
+        elif render is not None:
+            render(self.stdout)
+        else:
+            self.stdout.print_json(json.dumps(data, default=str))
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.stderr.print(message, highlight=False)
+
+    def error(self, exc: LlmctlError) -> None:
+        errors = exc.errors if isinstance(exc, ConfigError) else []
+        if self.json_mode:
+            doc = {
+                "ok": False,
+                "error": {
+                    "type": type(exc).__name__,
+                    "message": exc.message,
+                    "errors": errors,
+                    "hint": exc.hint,
+                    "exit_code": exc.exit_code,
+                },
+            }
+            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+            sys.stdout.flush()
+        err = Console(stderr=True, soft_wrap=True, highlight=False)
+        err.print(Text.assemble(("Error: ", "bold red"), exc.message))
+        for line in errors:
+            err.print(Text(f"  {line}"))
+        if exc.hint:
+            err.print(Text.assemble(("Hint: ", "bold"), exc.hint))

@@ -1,0 +1,22 @@
+"""The llmctl.yaml schema: project-level keys plus one section per stage.
+
+Each stage's section model lives beside this file (config/dedup.py, config/tokenize.py, ...); this
+module only composes them. Adding a stage = adding its section here and its entry in the registry.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from llmctl.config.base import Section
+
+
+class ProjectConfig(Section):
+    """The whole project file."""
+
+    name: str = Field(description="Project name, shown in manifests and reports.")
+    workspace: str = Field(
+        default="workspace",
+        description="Folder (relative to the project folder, or absolute) holding artifacts and runs.",
+    )
+    seed: int = Field(default=1337, description="Default random seed for every stage that samples.")
