@@ -1,0 +1,304 @@
+"""The one generation engine: batched, KV-cached sampling shared by eval, RL rollouts, chat and serving.
+
+Prompts of different lengths are left-padded into one batch; a padding mask and per-row position
+ids keep every row exactly what it would be alone. The KV cache is allocated once per batch shape
+and reused; each step runs one forward over a single new token per row under `inference_mode`.
+
+    engine = Engine(model, tokenizer)                 # tokenizer: tokenizers.Tokenizer (for text/stop strings)
+    params = SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0,
+                            stop_token_ids=(eos_id,), stop_strings=("\\n\\n",))
+    completions = engine.generate([ids_a, ids_b], params)       # list[Completion]
+    for event in engine.stream([ids], params):                  # TokenEvent per row per step
+        print(event.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from llmctl.errors import InputError
+from llmctl.model.transformer import KVCache, Transformer
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 = greedy (deterministic); top_k 0 and top_p 1.0 = off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1 (got {self.max_new_tokens})"),
+            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
+            (self.top_k >= 0, f"top_k must be >= 0 (got {self.top_k})"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
+        ]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise InputError("invalid sampling parameters: " + "; ".join(bad))
+        # Accept lists from config/JSON but store tuples (hashable, frozen).
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+
+@dataclass
+class Completion:
+    """One prompt's result. `tokens` excludes a stop token id; with a stop string, `tokens` ends with
+    the token that completed it while `text` is cut just before the stop string."""
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: FinishReason = "length"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed step of one row. `text` is the new printable text (may be empty while a
+    multi-byte character or a possible stop-string prefix is held back); `token` is None on the
+    final event of a row that stopped on a stop token id; `finish_reason` is set on a row's last event."""
+
+    row: int
+    token: int | None
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (Keskar et al. 2019, as in HF): seen tokens' positive logits / p, negative * p."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V) after penalties."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.size(-1):
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
+    """How many trailing chars might start a stop string (or are an incomplete UTF-8 char)."""
+    hold = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return hold
+
+
+# ---- engine --------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Generation over a Transformer. `tokenizer` (anything with `.decode(list[int]) -> str`, e.g.
+    a `tokenizers.Tokenizer`) or `decode` enables text output and stop strings."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any = None,
+        *,
+        decode: Callable[[list[int]], str] | None = None,
+    ):
+        self.model = model
+        if decode is None and tokenizer is not None:
+
+            def decode(ids: list[int]) -> str:
+                return tokenizer.decode(ids, skip_special_tokens=True)
+
+        self.decode = decode
+        self._cache: KVCache | None = None
+
+    def _get_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """Reuse the previous cache when it is big enough (no per-call re-allocation)."""
+        p = next(self.model.parameters())
+        c = self._cache
+        if (
+            c is None
+            or c.k.shape[1] != batch_size
+            or c.max_len < max_len
+            or c.k.dtype != p.dtype
+            or c.k.device != p.device
+        ):
+            with torch.inference_mode():
+                c = KVCache(self.model.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+            self._cache = c
+        c.reset()
+        return c
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> list[Completion]:
+        """Generate for every prompt; `on_token` sees each TokenEvent as it happens."""
+        results = [Completion(prompt_tokens=list(p)) for p in prompts]
+        texts = [""] * len(prompts)
+        for ev in self.stream(prompts, params, _results=results):
+            texts[ev.row] += ev.text
+            if on_token is not None:
+                on_token(ev)
+        if self.decode is not None:
+            for r, t in zip(results, texts, strict=True):
+                r.text = t
+        return results
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        _results: list[Completion] | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Yield a TokenEvent per active row per step, in row order, until every row finished."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InputError(
+                "every prompt needs at least one token",
+                hint="encode the prompt (with BOS if the model uses one)",
+            )
+        if params.stop_strings and self.decode is None:
+            raise InputError(
+                "stop strings need a tokenizer", hint="create the Engine with the model's tokenizer"
+            )
+        model, cfg = self.model, self.model.config
+        device = next(model.parameters()).device
+        B = len(prompts)
+        lens = [len(p) for p in prompts]
+        L = max(lens)
+        total = L + params.max_new_tokens
+        if total > cfg.max_seq_len:
+            raise InputError(
+                f"prompt ({L} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                f"context of {cfg.max_seq_len} tokens",
+                hint="shorten the prompt or lower max_new_tokens",
+            )
+        results = _results if _results is not None else [Completion(prompt_tokens=list(p)) for p in prompts]
+        ragged = min(lens) != L
+
+        idx = torch.zeros((B, L), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        idx = idx.to(device)
+        attention_mask = None
+        if ragged:  # left padding: 0 for pad, 1 for prompt and every generated position
+            attention_mask = torch.ones((B, total), dtype=torch.long)
+            for i, n in enumerate(lens):
+                attention_mask[i, : L - n] = 0
+            attention_mask = attention_mask.to(device)
+            positions = torch.tensor(lens, dtype=torch.long, device=device)[:, None]  # next position per row
+        generator = torch.Generator(device=device)
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
+            for i, p in enumerate(prompts):  # per row, so left padding does not count as "seen"
+                seen[i, torch.tensor(list(p), dtype=torch.long, device=device)] = True
+
+        stop_ids = set(params.stop_token_ids)
+        active = [True] * B
+        emitted = [""] * B  # text already yielded per row
+        cache = self._get_cache(B, total)
+
+        with torch.inference_mode():
+            logits = model(idx, cache=cache, attention_mask=attention_mask, logits_to_keep=1)[:, -1]  # (B, V)
+        for step in range(params.max_new_tokens):
+            with torch.inference_mode():
+                if seen is not None:
+                    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+                next_ids = sample_next(logits, params, generator)  # (B,)
+                if seen is not None:
+                    seen.scatter_(1, next_ids[:, None], True)
+            last_step = step == params.max_new_tokens - 1
+            for row, tok in enumerate(next_ids.tolist()):
+                if not active[row]:
+                    continue
+                res = results[row]
+                if tok in stop_ids:
+                    active[row] = False
+                    res.finish_reason = "stop"
+                    yield TokenEvent(row, None, self._flush(row, res, emitted), "stop")
+                    continue
+                res.tokens.append(tok)
+                finish: FinishReason | None = "length" if last_step else None
+                text = ""
+                if self.decode is not None:
+                    full = self.decode(res.tokens)
+                    cut = self._find_stop(full, emitted[row], params.stop_strings)
+                    if cut is not None:
+                        full, finish = full[:cut], "stop"
+                    keep = len(full) if finish else len(full) - _held_back(full, params.stop_strings)
+                    text = full[len(emitted[row]) : keep] if keep > len(emitted[row]) else ""
+                    emitted[row] += text
+                if finish:
+                    active[row] = False
+                    res.finish_reason = finish
+                yield TokenEvent(row, tok, text, finish)
+            if not any(active):
+                break
+            with torch.inference_mode():
+                if ragged:
+                    pos = positions + step
+                    logits = model(
+                        next_ids[:, None], cache=cache, attention_mask=attention_mask, position_ids=pos
+                    )
+                else:
+                    logits = model(next_ids[:, None], cache=cache)
+                logits = logits[:, -1]
+
+    def _flush(self, row: int, res: Completion, emitted: list[str]) -> str:
+        """Text still held back when a row stops on a stop token."""
+        if self.decode is None:
+            return ""
+        full = self.decode(res.tokens)
+        text = full[len(emitted[row]) :] if full.startswith(emitted[row]) else ""
+        emitted[row] += text
+        return text
+
+    @staticmethod
+    def _find_stop(text: str, emitted: str, stop_strings: tuple[str, ...]) -> int | None:
+        """Index of the earliest stop string in text (searching only where a new one can be)."""
+        best = None
+        for s in stop_strings:
+            start = max(0, len(emitted) - len(s) + 1)
+            i = text.find(s, start)
+            if i != -1 and (best is None or i < best):
+                best = i
+        return best

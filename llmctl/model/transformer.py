@@ -1,0 +1,308 @@
+"""The llmctl transformer: a Llama-style decoder in one file (read it top to bottom).
+
+Features:
+- pre-norm blocks with RMSNorm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467);
+- rotary position embeddings with configurable theta, "rotate-half" layout as in HF Llama
+  (Su et al. 2021, https://arxiv.org/abs/2104.09864), cos/sin cached as buffers;
+- grouped-query attention via `n_kv_head` (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245),
+  optional per-head QK-norm (Qwen3) and optional q/k/v biases (Qwen2), computed with
+  `F.scaled_dot_product_attention` (the `is_causal` fast path when there is no mask or cache);
+- SwiGLU MLP (Shazeer 2020, https://arxiv.org/abs/2002.05202);
+- optional tied input/output embeddings;
+- a preallocated KV cache, 2-D padding masks for ragged (left-padded) batches and position ids, so
+  one model serves training, evaluation, RL rollouts and the generation engine;
+- parameter names identical to Hugging Face Llama (`model.layers.0.self_attn.q_proj.weight`, ...),
+  so checkpoints convert by copying tensors.
+
+    model = Transformer(preset("tiny", vocab_size=8192))
+    loss = model(idx, targets)                  # idx, targets: (B, T) int64; -100 = ignore
+    logits = model(idx)                         # (B, T, vocab_size)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmctl.model.config import ModelConfig, flops_per_token
+
+IGNORE_INDEX = -100  # target value that contributes no loss (the PyTorch / HF convention)
+
+
+# ---- small functions -----------------------------------------------------------------------------
+
+
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * inverse frequency, each (max_seq_len, head_dim // 2), fp32.
+
+    Computed exactly as HF Llama does (fp32 outer product) so imported models match to fp32 rounding.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    )
+    t = torch.arange(max_seq_len, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (x1, x2) halves of the last dim: x (B, T, H, hd), cos/sin broadcastable to (B, T, 1, hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---- KV cache ------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: (n_layer, B, n_kv_head, max_len, head_dim) each.
+
+    All rows share one write position `pos` (ragged batches are left-padded, with a padding mask
+    passed to forward). The model advances `pos` once per forward, after every layer wrote.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv_head, T, hd) at pos; return views of all keys/values so far."""
+        end = self.pos + k.shape[2]
+        assert end <= self.max_len, f"KV cache overflow: {end} > {self.max_len}"
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, q_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.n_embd, bias=False)
+        if cfg.qk_norm:  # per-head RMSNorm of q and k before rotary (Qwen3; stabilises logits)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, n_kv_head, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, hd), S = past + T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+        )  # (B, n_head, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+# ---- MLP and block -------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+                layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                norm=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope_buffers()
+        self.init_weights()
+
+    def reset_rope_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary tables; needed after building on the meta device."""
+        cfg = self.config
+        device = device if device is not None else self.lm_head.weight.device
+        dtype = self.lm_head.weight.dtype
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        self.rope_cos, self.rope_sin = cos.to(dtype), sin.to(dtype)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 / nanoGPT init: N(0, init_std) for matmuls and embeddings, zero biases, unit norms;
+        the two projections that write into the residual stream (o_proj, down_proj) get
+        init_std / sqrt(2 * n_layer), so the residual's variance does not grow with depth
+        (GPT-2 paper, section 2.3)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for block in self.model.layers:
+            nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=resid_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=resid_std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Actual parameter count (shared tensors once); non_embedding drops embedding and head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (6N + attention), see config.flops_per_token."""
+        return flops_per_token(self.config, seq_len)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for idx (B, T); or the cross-entropy loss when targets (B, T) are given.
+
+        - targets: next-token ids; positions equal to IGNORE_INDEX (-100) add no loss. `reduction`
+          "mean" (over counted tokens), "sum", or "none" (per-token (B, T) losses, 0 where ignored).
+        - cache: a KVCache; keys/values of idx are written at cache.pos, attention covers the cache.
+        - attention_mask: (B, S) with 1 for real tokens and 0 for padding, S = cache.pos + T
+          (longer is fine: it is cut to S). Ragged batches are left-padded; positions then count
+          real tokens only, unless position_ids (B, T) are given.
+        - logits_to_keep: compute logits for the last N positions only (0 = all); generation uses 1.
+        """
+        B, T = idx.shape
+        past = cache.pos if cache is not None else 0
+        S = past + T
+        assert self.config.max_seq_len >= S, f"sequence length {S} > max_seq_len {self.config.max_seq_len}"
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask[:, :S].long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+        if position_ids is None:
+            cos, sin = (
+                self.rope_cos[None, past:S, None, :],
+                self.rope_sin[None, past:S, None, :],
+            )  # (1, T, 1, hd/2)
+        else:
+            cos, sin = (
+                self.rope_cos[position_ids].unsqueeze(2),
+                self.rope_sin[position_ids].unsqueeze(2),
+            )  # (B, T, 1, hd/2)
+
+        mask, is_causal = None, False
+        if attention_mask is None:
+            if past == 0:
+                is_causal = T > 1  # the fused causal kernel
+            elif T > 1:  # chunked prefill: causal with an offset, built explicitly
+                mask = self._causal(T, S, past, idx.device)[None, None]
+        else:
+            mask = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
+            if T > 1:
+                # A padding query has no real key before it; letting it see itself keeps its row of
+                # the softmax finite (an all-masked row is NaN, and NaN * 0 weight poisons the cache).
+                rows = torch.arange(T, device=idx.device)[:, None] + past
+                self_key = torch.arange(S, device=idx.device)[None, :] == rows
+                mask = (mask & self._causal(T, S, past, idx.device)) | self_key  # (B, 1, T, S)
+
+        x = self.model.embed_tokens(idx)  # (B, T, n_embd)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, is_causal, cache)
+        if cache is not None:
+            cache.pos = S
+        x = self.model.norm(x)
+
+        if targets is None:
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            return self.lm_head(x)  # (B, T or logits_to_keep, vocab)
+        logits = self.lm_head(x).float()  # no-op in fp32; one upcast under bf16 autocast
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+        )
+        return loss.view(B, T) if reduction == "none" else loss
+
+    @staticmethod
+    def _causal(T: int, S: int, past: int, device) -> torch.Tensor:
+        """(T, S) bool: query i (at absolute position past + i) may see keys j <= past + i."""
+        return torch.arange(S, device=device)[None, :] <= (torch.arange(T, device=device)[:, None] + past)

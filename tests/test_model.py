@@ -1,0 +1,292 @@
+"""The model package: HF parity, KV-cache and ragged-batch generation, sampling, checkpoint I/O."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmctl.errors import InputError
+from llmctl.model.checkpoint import WEIGHTS_INDEX_FILE, load_model_folder, save_model_folder
+from llmctl.model.config import (
+    PRESETS,
+    ModelConfig,
+    flops_per_token,
+    from_depth,
+    num_params,
+    preset,
+    suggested_lr,
+    token_budget,
+)
+from llmctl.model.engine import Engine, SamplingParams
+from llmctl.model.transformer import IGNORE_INDEX, KVCache, Transformer
+
+torch.set_num_threads(2)
+VOCAB = 320
+
+
+def make_model(seed: int = 0, **overrides) -> Transformer:
+    """A test-1m model with non-trivial norms/biases and weights big enough to make greedy decode varied."""
+    torch.manual_seed(seed)
+    model = Transformer(preset("test-1m", vocab_size=VOCAB, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(4)
+    return model
+
+
+def greedy_no_cache(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+
+def test_presets_and_accounting():
+    assert set(PRESETS) >= {"test-1m", "tiny", "gpt2-small", "350m", "1b"}
+    for name in PRESETS:
+        cfg = preset(name, vocab_size=1000)
+        assert cfg.vocab_size == 1000
+    assert 0.8e6 < num_params(preset("test-1m")) < 1.2e6
+    assert 120e6 < num_params(preset("gpt2-small")) < 130e6
+    assert 0.3e9 < num_params(preset("350m")) < 0.42e9
+    assert 1.0e9 < num_params(preset("1b")) < 1.2e9
+    # The analytic count equals the real module's count, tied and untied, with biases and QK-norm.
+    for cfg in (
+        preset("test-1m", attention_bias=True),
+        preset("test-1m", tie_embeddings=False, qk_norm=True),
+        from_depth(2, 500),
+    ):
+        model = Transformer(cfg)
+        assert model.num_params() == num_params(cfg)
+        assert model.num_params(non_embedding=True) == num_params(cfg, non_embedding=True)
+    cfg = preset("gpt2-small")
+    n = num_params(cfg, non_embedding=True) + cfg.vocab_size * cfg.n_embd
+    assert flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_from_depth_and_hf_config_round_trip():
+    cfg = from_depth(12, vocab_size=50304)
+    assert (cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.intermediate_size) == (768, 12, 64, 2048)
+    big = from_depth(20, vocab_size=50304)
+    assert (big.n_embd, big.head_dim, big.n_head) == (1280, 128, 10)
+    assert suggested_lr(cfg) == pytest.approx(6e-4)
+    assert token_budget(cfg) == 20 * num_params(cfg)
+    for c in (cfg, preset("1b"), preset("test-1m", attention_bias=True), preset("test-1m", qk_norm=True)):
+        assert ModelConfig.from_hf_config(c.to_hf_config()) == c
+    with pytest.raises(InputError, match="supported: llama, mistral, qwen2"):
+        ModelConfig.from_hf_config({"model_type": "gpt2"})
+    with pytest.raises(InputError, match="missing key 'hidden_size'"):
+        ModelConfig.from_hf_config({"model_type": "llama", "vocab_size": 10})
+
+
+# ---- (a) parity with transformers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_logits_match_transformers_llama(tmp_path: Path, tie: bool):
+    transformers = pytest.importorskip("transformers")
+    model = make_model(tie_embeddings=tie)
+    assert model.config.n_kv_head < model.config.n_head  # GQA
+    save_model_folder(model, tmp_path, bos_token_id=1, eos_token_id=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is tie and config["num_key_value_heads"] == 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    idx = torch.randint(0, VOCAB, (2, 33))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # Loss: targets are next tokens; IGNORE_INDEX positions add nothing.
+    targets = idx[:, 1:].clone()
+    targets[0, :5] = IGNORE_INDEX
+    with torch.no_grad():
+        loss = model(idx[:, :-1], targets)
+    ref = torch.nn.functional.cross_entropy(
+        theirs[:, :-1].reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100
+    )
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-4)
+
+
+def test_left_padded_batch_matches_unpadded_rows():
+    model = make_model()
+    rows = [torch.randint(0, VOCAB, (n,)) for n in (9, 4, 1)]
+    T = 9
+    idx = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, T - len(r) :], mask[i, T - len(r) :] = r, 1
+    with torch.no_grad():
+        batched = model(idx, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone = model(r[None])
+            torch.testing.assert_close(batched[i, T - len(r) :], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(batched).all()
+
+
+def test_chunked_prefill_with_cache_matches_full_forward():
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (2, 20))
+    cache = KVCache(model.config, 2, 32)
+    with torch.no_grad():
+        full = model(idx)
+        a = model(idx[:, :7], cache=cache)
+        b = model(idx[:, 7:15], cache=cache)
+        c = model(idx[:, 15:16], cache=cache)
+    torch.testing.assert_close(torch.cat([a, b, c], 1), full[:, :16], atol=1e-5, rtol=1e-5)
+    assert cache.pos == 16
+
+
+# ---- (b) generation ----------------------------------------------------------------------------
+
+
+def test_kv_cache_greedy_equals_recompute_and_batched_equals_single():
+    model = make_model()
+    engine = Engine(model)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102, 103]]
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    batched = engine.generate(prompts, params)
+    for prompt, result in zip(prompts, batched, strict=True):
+        expected = greedy_no_cache(model, prompt, 16)
+        assert result.tokens == expected
+        assert engine.generate([prompt], params)[0].tokens == expected
+        assert result.finish_reason == "length"
+    assert len({tuple(r.tokens) for r in batched}) > 1  # the rows really differ
+
+
+# ---- (c) sampling and stopping -----------------------------------------------------------------
+
+
+def byte_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.ByteLevelBPETokenizer()
+    text = ["the quick brown fox jumps over the lazy dog, again and again."] * 20
+    tok.train_from_iterator(text, vocab_size=VOCAB, min_frequency=1, show_progress=False)
+    return tok
+
+
+def test_seeded_sampling_is_reproducible_and_seed_matters():
+    engine = Engine(make_model())
+    prompts = [[1, 2, 3], [7, 8]]
+
+    def run(seed):
+        p = SamplingParams(
+            max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.2, seed=seed
+        )
+        return [r.tokens for r in engine.generate(prompts, p)]
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    assert engine.generate(prompts, greedy)[0].tokens == engine.generate(prompts, greedy)[0].tokens
+
+
+def test_stop_token_and_stop_string_stop_generation():
+    model = make_model()
+    tok = byte_tokenizer()
+    engine = Engine(model, tok)
+    prompt = tok.encode("the quick").ids
+    free = engine.generate([prompt], SamplingParams(max_new_tokens=24, temperature=0))[0]
+    assert len(free.tokens) == 24 and free.text == tok.decode(free.tokens)
+
+    # Stop token: the 6th generated token stops generation before it.
+    stop_id = free.tokens[5]
+    first = free.tokens.index(stop_id)
+    r = engine.generate(
+        [prompt], SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=(stop_id,))
+    )[0]
+    assert r.tokens == free.tokens[:first] and r.finish_reason == "stop"
+
+    # Stop string: a piece of the free text; output is cut right before its first occurrence.
+    text = free.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text.index(stop)
+    events = []
+    r = engine.generate(
+        [prompt],
+        SamplingParams(max_new_tokens=24, temperature=0, stop_strings=(stop,)),
+        on_token=events.append,
+    )[0]
+    assert r.finish_reason == "stop" and r.text == text[:cut]
+    assert len(r.tokens) < 24 and free.tokens[: len(r.tokens)] == r.tokens
+    assert "".join(e.text for e in events) == r.text  # streamed text adds up, stop string never shown
+    assert events[-1].finish_reason == "stop"
+
+
+def test_engine_input_errors():
+    engine = Engine(make_model())
+    with pytest.raises(InputError, match="exceeds the model's context"):
+        engine.generate([[1] * 250], SamplingParams(max_new_tokens=10))
+    with pytest.raises(InputError, match="stop strings need a tokenizer"):
+        engine.generate([[1]], SamplingParams(stop_strings=("x",)))
+    with pytest.raises(InputError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+# ---- (e) checkpoint folders --------------------------------------------------------------------
+
+
+def test_sharded_save_round_trips_and_transformers_loads_it(tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+    model = make_model(tie_embeddings=False, attention_bias=True)
+    files = save_model_folder(model, tmp_path, max_shard_bytes=400_000, eos_token_id=0)
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert (tmp_path / WEIGHTS_INDEX_FILE) in files and not (tmp_path / "model.safetensors").exists()
+    loaded, cfg = load_model_folder(tmp_path)
+    assert cfg == model.config
+    idx = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx), atol=0, rtol=0)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=1e-4)
+    # bf16 save: stored dtype recorded, loads back in bf16 by default.
+    save_model_folder(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert load_model_folder(tmp_path / "bf16")[0].lm_head.weight.dtype == torch.bfloat16
+
+
+def test_load_errors_name_the_file(tmp_path: Path):
+    with pytest.raises(InputError, match="model folder not found"):
+        load_model_folder(tmp_path / "nope")
+    save_model_folder(make_model(), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(InputError, match="model.safetensors: cannot read"):
+        load_model_folder(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",\n "vocab_size": }')
+    with pytest.raises(InputError, match=r"config.json:2: invalid JSON"):
+        load_model_folder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(preset("test-1m", vocab_size=VOCAB + 1).to_hf_config()))
+    save_model_folder(make_model(), tmp_path / "w")
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "w" / "model.safetensors").read_bytes())
+    with pytest.raises(InputError, match="has shape"):
+        load_model_folder(tmp_path)
+
+
+# ---- layering ------------------------------------------------------------------------------------
+
+
+def test_model_package_imports_only_leaf_llmctl_modules():
+    allowed = ("llmctl.errors", "llmctl.reporting", "llmctl.model")
+    pkg = Path(__file__).resolve().parents[1] / "llmctl" / "model"
+    for path in pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                if name.startswith("llmctl"):
+                    assert name.startswith(allowed), f"{path.name} imports {name}"
