@@ -78,7 +78,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, _raise_interrupted)
     json_mode = "--json" in sys.argv[1:]
     try:
-        app()
+        app(prog_name="llmctl")
     except LlmctlError as exc:
         from llmctl.cli.output import Output
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from llmctl.config.base import Section
+from llmctl.config.data import DataConfig
+from llmctl.config.dedup import DedupConfig
+from llmctl.config.filter import FilterConfig
 
 
 class ProjectConfig(Section):
@@ -19,4 +22,9 @@ class ProjectConfig(Section):
         default="workspace",
         description="Folder (relative to the project folder, or absolute) holding artifacts and runs.",
     )
-    seed: int = Field(default=1337, description="Default random seed for every stage that samples.")
+    seed: int = Field(default=1337, description="Default random seed for stages that sample.")
+    data: DataConfig | None = Field(
+        default=None, description="Raw data sources read by the first data stage (dedup)."
+    )
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Quality filters, in order.")

@@ -45,9 +45,10 @@ class Stage:
     reads_sources: bool = False  # reads data.sources directly (always, not only as a fallback)
     in_pipeline: bool = True  # part of `llmctl run`
     keeps_run_dir: bool = False  # keep checkpoints in the run folder after publishing
+    module: str | None = None  # defaults to llmctl.stages.<name>
 
     def load_run(self) -> Callable[[StageContext], dict[str, Any]]:
-        module = importlib.import_module(f"llmctl.stages.{self.name}")
+        module = importlib.import_module(self.module or f"llmctl.stages.{self.name}")
         return module.run
 
 

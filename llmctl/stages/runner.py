@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl import __version__
-from llmctl.errors import InputError, Interrupted, LlmctlError
+from llmctl.errors import ConfigError, InputError, Interrupted, LlmctlError
 from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
 from llmctl.stages.registry import STAGES, Stage
@@ -85,11 +85,25 @@ def _uses_sources(stage: Stage, inputs: dict[str, Artifact | None]) -> bool:
     )
 
 
-def config_snapshot(stage: Stage, project: Any, uses_sources: bool) -> dict[str, Any]:
+def config_snapshot(
+    stage: Stage, project: Any, uses_sources: bool, options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The config a stage's output depends on: its sections, data sources if read, CLI options."""
     sections = list(stage.sections)
     if uses_sources and "data" not in sections:
         sections.append("data")
-    return {name: getattr(project, name).model_dump(mode="json") for name in sections}
+    snapshot: dict[str, Any] = {}
+    for name in sections:
+        section = getattr(project, name, None)
+        if section is None:
+            raise ConfigError(
+                f"llmctl.yaml: {stage.name} needs a `{name}:` section",
+                hint=f"add `{name}:` to llmctl.yaml (see `llmctl config schema`)",
+            )
+        snapshot[name] = section.model_dump(mode="json")
+    if options:
+        snapshot["options"] = options
+    return snapshot
 
 
 def _git_commit(project_dir: Path) -> str | None:
@@ -137,7 +151,7 @@ def run_stage(
         from llmctl.data.sources import source_fingerprint
 
         sources = source_fingerprint(project.data, project_dir)
-    config = config_snapshot(stage, project, uses_sources)
+    config = config_snapshot(stage, project, uses_sources, options)
     config_hash = stable_hash(config)
     input_records = [
         InputRecord(slot=slot, ref=ref, id=art.id, kind=art.kind, manifest_sha256=art.manifest_sha256())

@@ -1,0 +1,76 @@
+"""Shared fixtures: run the real `llmctl` in a subprocess; make small projects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self):
+        return json.loads(self.stdout)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", LLMCTL_TEST="1", OMP_NUM_THREADS="1", COLUMNS="200")
+    env.pop("LLMCTL_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> CliResult:
+    """Run `python -m llmctl ARGS` (the same entry point as the console script) in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmctl", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(),
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def write_project(folder: Path, body: str = "", name: str = "t") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "llmctl.yaml").write_text(f"name: {name}\n{body}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A seeded synthetic corpus (docs.jsonl + truth.json) shared by the session; read it, don't write."""
+    from llmctl.data.synthetic import generate_corpus
+
+    folder = tmp_path_factory.mktemp("corpus")
+    generate_corpus(folder, n_docs=600, seed=3)
+    return folder
+
+
+@pytest.fixture
+def corpus_project(tmp_path, small_corpus) -> Path:
+    """A project reading the small synthetic corpus."""
+    return write_project(
+        tmp_path / "proj",
+        f"data:\n  sources:\n    - path: {small_corpus / 'docs.jsonl'}\n",
+    )
