@@ -12,9 +12,9 @@ def artifact_extras(artifact, *, samples: int = 0, encode: str | None = None) ->
     """Extra views that need the artifact's files: example documents, tokens of a string."""
     extras: dict[str, Any] = {}
     if samples and artifact.kind == "corpus":
-        from llmctl.data.corpus_samples import sample_artifact
+        from llmctl.data.filters import sample_documents
 
-        extras["samples"] = sample_artifact(artifact.path, samples)
+        extras["samples"] = sample_documents(artifact.path, samples)
     if encode is not None:
         if artifact.kind not in ("tokens", "model"):
             from llmctl.errors import UsageError

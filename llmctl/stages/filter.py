@@ -1,0 +1,27 @@
+"""The `filter` stage: datatrove quality filters over the deduplicated corpus (or the raw sources).
+
+Output artifact (kind corpus): documents/*.jsonl.gz (kept), excluded/<step>/*.jsonl.gz (dropped, with
+metadata.filter_reason), metrics with per-step, per-reason drop counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmctl.data.corpus import iter_corpus
+from llmctl.data.filters import run_filters
+from llmctl.data.sources import read_sources
+from llmctl.errors import ConfigError
+from llmctl.stages.context import StageContext
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    corpus = ctx.inputs.get("corpus")
+    if corpus is not None:
+        documents = iter_corpus(corpus.path)
+    elif ctx.project.data is not None:
+        ctx.note("filter: no dedup artifact; reading data.sources directly")
+        documents = read_sources(ctx.project.data, ctx.project_dir, ctx.reporter)
+    else:
+        raise ConfigError("nothing to filter: no dedup artifact and no data.sources", hint="run `llmctl dedup`")
+    return run_filters(documents, ctx.output_dir, ctx.config, ctx.reporter, ctx.project_dir)
