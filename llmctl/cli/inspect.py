@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def artifact_extras(artifact, *, samples: int = 0, encode: str | None = None) -> dict[str, Any]:
@@ -20,11 +21,16 @@ def artifact_extras(artifact, *, samples: int = 0, encode: str | None = None) ->
             from llmctl.errors import UsageError
 
             raise UsageError(f"--encode needs a tokens or model artifact; {artifact.id} is {artifact.kind}")
-        from llmctl.data.tokenizer import inspect_tokens, load_tokenizer
-
-        folder = artifact.path / "tokenizer" if artifact.kind == "tokens" else artifact.path
-        extras["tokens"] = inspect_tokens(load_tokenizer(folder), encode)
+        extras["tokens"] = tokens_of(artifact, encode)
     return extras
+
+
+def tokens_of(artifact, text: str) -> list[dict[str, Any]]:
+    """The tokens of `text` under a tokens or model artifact's tokenizer: [{id, token}]."""
+    from llmctl.data.tokenizer import load_tokenizer
+
+    folder = artifact.path / "tokenizer" if artifact.kind == "tokens" else artifact.path
+    return [{"id": i, "token": tok} for i, tok in load_tokenizer(folder).inspect(text)]
 
 
 def _short(text: str, width: int = 160) -> str:
@@ -51,18 +57,22 @@ def render_artifact(console: Console, artifact, extras: dict[str, Any]) -> None:
             table.add_row(key, _short(str(value), 100))
         console.print(table)
     for note in m.notes:
-        console.print(f"[dim]note:[/] {note}", highlight=False)
+        console.print(Text.assemble(("note: ", "dim"), note))
     sampled = extras.get("samples")
     if sampled:
         table = Table("", "id", "reason", "text", title="samples")
         for doc in sampled.get("kept", []):
-            table.add_row("[green]kept[/]", doc["id"], "", _short(doc["text"]))
+            table.add_row("[green]kept[/]", Text(doc["id"]), "", Text(_short(doc["text"])))
         for doc in sampled.get("excluded", []):
-            table.add_row("[red]dropped[/]", doc["id"], doc.get("reason", ""), _short(doc["text"]))
+            table.add_row("[red]dropped[/]", Text(doc["id"]), Text(str(doc.get("reason") or "")), Text(_short(doc["text"])))
         console.print(table)
     tokens = extras.get("tokens")
     if tokens:
-        table = Table("#", "id", "token", title=f"{len(tokens)} tokens")
-        for i, tok in enumerate(tokens):
-            table.add_row(str(i), str(tok["id"]), repr(tok["token"]))
-        console.print(table)
+        render_tokens(console, f"{len(tokens)} tokens", tokens)
+
+
+def render_tokens(console: Console, title: str, tokens: list[dict[str, Any]]) -> None:
+    table = Table("#", "id", "token", title=title)
+    for i, tok in enumerate(tokens):
+        table.add_row(str(i), str(tok["id"]), Text(tok["token"]))
+    console.print(table)

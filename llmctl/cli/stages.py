@@ -90,6 +90,43 @@ def filter_(
     run_stage_command(ctx, "filter", sets=sets, force=force, json_=json_, refs={"corpus": input_})
 
 
+def tokenize(
+    ctx: typer.Context,
+    input_: InputOption = None,
+    inspect: Annotated[
+        str | None,
+        typer.Option("--inspect", help="Show the tokens of this text with the newest tokenizer (runs nothing)."),
+    ] = None,
+    force: ForceOption = False,
+    sets: SetOption = None,
+    json_: JsonOption = False,
+) -> None:
+    """Train a byte-level BPE tokenizer on the corpus and encode it into train/val token shards.
+
+    [bold]Examples[/]
+      llmctl tokenize
+      llmctl tokenize --set tokenize.vocab_size=8192
+      llmctl tokenize --inspect "Hello, world!"
+    """
+    if inspect is not None:
+        from llmctl.cli.inspect import render_tokens, tokens_of
+
+        state = state_of(ctx)
+        out = state.output(json_)
+        config, folder = state.load_project(sets)
+        from llmctl.stages.runner import workspace_for
+
+        artifact = workspace_for(config, folder).resolve(input_ or "tokenize:latest", kinds=("tokens", "model"))
+        tokens = tokens_of(artifact, inspect)
+        out.result(
+            {"artifact": artifact.id, "text": inspect, "tokens": tokens},
+            lambda console: render_tokens(console, f"{len(tokens)} tokens ({artifact.id})", tokens),
+        )
+        return
+    run_stage_command(ctx, "tokenize", sets=sets, force=force, json_=json_, refs={"corpus": input_})
+
+
 def register(app: typer.Typer) -> None:
     app.command("dedup")(dedup)
     app.command("filter")(filter_)
+    app.command("tokenize")(tokenize)

@@ -12,6 +12,7 @@ from llmctl.config.base import Section
 from llmctl.config.data import DataConfig
 from llmctl.config.dedup import DedupConfig
 from llmctl.config.filter import FilterConfig
+from llmctl.config.tokenize import TokenizeConfig
 
 
 class ProjectConfig(Section):
@@ -28,3 +29,6 @@ class ProjectConfig(Section):
     )
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Quality filters, in order.")
+    tokenize: TokenizeConfig = Field(
+        default_factory=TokenizeConfig, description="BPE tokenizer training (or adoption) and token shards."
+    )

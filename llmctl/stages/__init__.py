@@ -2,6 +2,7 @@
 
 from llmctl.stages.registry import (
     CORPUS,
+    TOKENS,
     STAGES,
     InputSlot,
     Stage,
@@ -25,6 +26,15 @@ register(
         output_kind=CORPUS,
         sections=("filter",),
         inputs=(InputSlot("corpus", (CORPUS,), ("dedup",), sources_fallback=True),),
+    )
+)
+register(
+    Stage(
+        name="tokenize",
+        description="Train a byte-level BPE tokenizer and encode the corpus into token shards.",
+        output_kind=TOKENS,
+        sections=("tokenize",),
+        inputs=(InputSlot("corpus", (CORPUS,), ("filter", "dedup"), sources_fallback=True),),
     )
 )
 

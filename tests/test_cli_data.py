@@ -1,0 +1,72 @@
+"""dedup, filter and run through the real CLI: artifacts, reuse, lineage, samples, bad input."""
+
+from __future__ import annotations
+
+from conftest import run_cli, write_project
+
+
+def test_dedup_filter_reuse_lineage_and_samples(corpus_project):
+    first = run_cli("dedup", "--json", cwd=corpus_project)
+    assert first.code == 0, first.stderr
+    doc = first.json()
+    assert doc["artifact"] == "dedup:v0001" and doc["reused"] is False
+    assert doc["metrics"]["docs_in"] == 600
+    assert doc["metrics"]["exact_duplicates"] > 0 and doc["metrics"]["near_duplicates"] > 0
+
+    again = run_cli("dedup", "--json", cwd=corpus_project)
+    assert again.json()["reused"] is True and again.json()["artifact"] == "dedup:v0001"
+    assert "up to date" in again.stderr
+
+    filtered = run_cli("--json", "filter", cwd=corpus_project)
+    assert filtered.code == 0, filtered.stderr
+    metrics = filtered.json()["metrics"]
+    assert metrics["documents_in"] == doc["metrics"]["docs_out"]
+    assert any(step["dropped"] for step in metrics["steps"])
+
+    shown = run_cli("artifacts", "show", "filter:latest", "--samples", "2", "--json", cwd=corpus_project)
+    assert shown.code == 0, shown.stderr
+    samples = shown.json()["samples"]
+    assert len(samples["kept"]) == 2 and samples["excluded"]
+    assert all(s["reason"] for s in samples["excluded"])
+
+    lineage = run_cli("artifacts", "lineage", "filter:latest", "--json", cwd=corpus_project).json()
+    assert lineage["id"] == "filter:v0001"
+    assert lineage["inputs"][0]["id"] == "dedup:v0001"
+    assert lineage["inputs"][0]["sources"][0]["path"].endswith("docs.jsonl")
+
+    refused = run_cli("artifacts", "rm", "dedup:v1", cwd=corpus_project)
+    assert refused.code == 2 and "is an input of filter:v0001" in refused.stderr
+
+    forced = run_cli("dedup", "--force", "--json", cwd=corpus_project)
+    assert forced.json()["artifact"] == "dedup:v0002"
+    # filter now sees a newer dedup artifact, so the pipeline reruns it
+    pipeline = run_cli("run", "--until", "filter", "--json", cwd=corpus_project)
+    assert pipeline.code == 0, pipeline.stderr
+    rows = {r["stage"]: r for r in pipeline.json()["stages"]}
+    assert rows["dedup"]["reused"] is True and rows["filter"]["artifact"] == "filter:v0002"
+
+    listing = run_cli("artifacts", "ls", "--json", cwd=corpus_project).json()
+    assert [a["id"] for a in listing["artifacts"]] == ["dedup:v0001", "dedup:v0002", "filter:v0001", "filter:v0002"]
+
+
+def test_bad_input_exits_2_and_publishes_nothing(tmp_path):
+    data = tmp_path / "p" / "data"
+    data.mkdir(parents=True)
+    (data / "docs.jsonl").write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": \n')
+    project = write_project(tmp_path / "p", "data:\n  sources:\n    - path: data/docs.jsonl\n")
+    result = run_cli("dedup", cwd=project)
+    assert result.code == 2
+    assert "docs.jsonl:2" in result.stderr and "Traceback" not in result.stderr
+    listing = run_cli("artifacts", "ls", "--json", cwd=project).json()
+    assert listing["artifacts"] == [] and [r["status"] for r in listing["runs"]] == ["failed"]
+
+    (data / "docs.jsonl").write_text('{"id": "a", "body": "no text key"}\n')
+    missing = run_cli("dedup", cwd=project)
+    assert missing.code == 2 and "body" in missing.stderr
+
+    (data / "docs.jsonl").write_text("")
+    empty = run_cli("dedup", cwd=project)
+    assert empty.code == 2
+
+    bad_stage = run_cli("run", "--until", "nope", cwd=project)
+    assert bad_stage.code == 2 and "not a pipeline stage" in bad_stage.stderr
