@@ -532,12 +532,13 @@ class _Generator:
             r.shuffle(lines)
             return "\n".join(lines)
         if kind == "repeated_lines":
-            line = self._filler()
+            line = self._filler() + " " + self._filler()
             return "\n".join([line] * r.randint(15, 40))
         if kind == "symbol_soup":
             return "".join(r.choice("#$%&*+=<>~^|/\\@!?{}[]()_-:;") for _ in range(r.randint(300, 1500)))
         if kind == "too_short":
-            return " ".join(self._filler().split()[: r.randint(3, 8)])
+            words = r.sample(_ADJ + _NOUN + _VERB + _ADV, r.randint(3, 8))
+            return " ".join(words).capitalize() + r.choice([".", "!", "?", "..."])
         if kind == "non_alphabetic":
             toks = []
             for _ in range(r.randint(150, 400)):
