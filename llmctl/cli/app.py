@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from llmctl import __version__
-from llmctl.cli import artifacts, pipeline, project, stages
+from llmctl.cli import artifacts, models, pipeline, project, stages
 from llmctl.cli.options import CliState
 from llmctl.errors import Interrupted, LlmctlError
 
@@ -66,14 +66,26 @@ project.register(app)
 artifacts.register(app)
 pipeline.register(app)
 stages.register(app)
+models.register(app)
+
+
+_MAIN_PID = os.getpid()
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A forked worker (multiprocessing pools) inherits this handler: die as the signal says,
+        # quietly; the main process reports the interruption once.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
 def main() -> None:
     """Console-script entry point."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
     json_mode = "--json" in sys.argv[1:]

@@ -2,6 +2,7 @@
 
 from llmctl.stages.registry import (
     CORPUS,
+    MODEL,
     TOKENS,
     STAGES,
     InputSlot,
@@ -35,6 +36,16 @@ register(
         output_kind=TOKENS,
         sections=("tokenize",),
         inputs=(InputSlot("corpus", (CORPUS,), ("filter", "dedup"), sources_fallback=True),),
+    )
+)
+register(
+    Stage(
+        name="import",
+        description="Import a pretrained checkpoint (HF folder, hub id or GGUF) as a model artifact.",
+        output_kind=MODEL,
+        sections=(),
+        in_pipeline=False,
+        module="llmctl.stages.import_model",
     )
 )
 

@@ -1,0 +1,174 @@
+"""Model commands: `llmctl import`, `llmctl generate`, `llmctl chat`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmctl.cli.options import ForceOption, JsonOption, state_of
+from llmctl.errors import UsageError
+
+CkptOption = Annotated[
+    str, typer.Option("--ckpt", help="Model: latest, pretrain:vN, import:latest, ... or an HF model folder.")
+]
+
+
+def model_folder(ctx: typer.Context, ref: str) -> Path:
+    """A model artifact's folder, or a plain HF model folder given by path (works outside projects)."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "manifest.json").is_file():
+        return path.resolve()
+    from llmctl.stages.runner import workspace_for
+
+    config, folder = state_of(ctx).load_project()
+    return workspace_for(config, folder).resolve(ref, kinds=("model",)).path
+
+
+def import_(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="HF model folder, hub repo id (org/name), or a .gguf file.")],
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    force: ForceOption = False,
+    json_: JsonOption = False,
+) -> None:
+    """Import a pretrained model (Llama, Mistral, Qwen2, SmolLM; HF folder, hub id or GGUF) as a model artifact.
+
+    [bold]Examples[/]
+      llmctl import ./SmolLM2-135M-Instruct
+      llmctl import HuggingFaceTB/SmolLM2-135M --revision main
+      llmctl import SmolLM2-135M-Instruct.Q4_1.gguf
+    """
+    from llmctl.cli.stages import run_stage_command
+
+    source_path = Path(source).expanduser()
+    options: dict[str, Any] = {"source": str(source_path.resolve()) if source_path.exists() else source}
+    if revision:
+        options["revision"] = revision
+    run_stage_command(ctx, "import", sets=None, force=force, json_=json_, options=options)
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+              stop: list[str] | None, seed: int | None, stop_ids: tuple[int, ...]):
+    from llmctl.model.engine import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop_strings=tuple(stop or ()),
+        stop_token_ids=stop_ids,
+        seed=seed,
+    )
+
+
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy (deterministic).")]
+TopK = Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens (0 = off).")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1.0 = off).")]
+RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Sampling seed.")]
+
+
+def generate(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="The prompt text.")],
+    ckpt: CkptOption = "latest",
+    max_new_tokens: MaxNew = 64,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepPenalty = 1.0,
+    stop: Stop = None,
+    seed: Seed = None,
+    json_: JsonOption = False,
+) -> None:
+    """Continue a prompt with a model, streaming tokens as they come.
+
+    [bold]Examples[/]
+      llmctl generate "The capital of Velmora is" --ckpt pretrain:latest
+      llmctl generate "Once upon a time" -t 0.8 --top-p 0.95 --seed 1 -n 200
+      llmctl generate "2 + 2 =" --ckpt ./my-hf-model --stop "\\n" --json
+    """
+    from llmctl.inference import load_model
+
+    state = state_of(ctx)
+    out = state.output(json_)
+    loaded = load_model(model_folder(ctx, ckpt))
+    params = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, loaded.stop_token_ids())
+    prompt_ids = loaded.encode(prompt)
+    if len(prompt_ids) + max_new_tokens > loaded.config.max_seq_len:
+        raise UsageError(
+            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the context "
+            f"of {loaded.config.max_seq_len}",
+            hint="shorten the prompt or lower --max-new-tokens",
+        )
+    streaming = not out.json_mode
+
+    def show(event) -> None:
+        if streaming and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+
+    if streaming:
+        sys.stdout.write(prompt)
+    [completion] = loaded.engine.generate([prompt_ids], params, on_token=show)
+    if streaming:
+        sys.stdout.write("\n")
+    else:
+        out.result(
+            {
+                "prompt": prompt,
+                "text": completion.text,
+                "tokens": completion.tokens,
+                "finish_reason": completion.finish_reason,
+            }
+        )
+
+
+def chat(
+    ctx: typer.Context,
+    ckpt: CkptOption = "latest",
+    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    max_new_tokens: MaxNew = 256,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    seed: Seed = None,
+) -> None:
+    """Chat with a model in the terminal, using its tokenizer's chat template. Empty line or Ctrl-D quits.
+
+    [bold]Examples[/]
+      llmctl chat --ckpt import:latest
+      llmctl chat --ckpt sft:latest --system "You are terse." -t 0
+    """
+    from llmctl.inference import load_model
+
+    loaded = load_model(model_folder(ctx, ckpt))
+    params = _sampling(max_new_tokens, temperature, 0, top_p, 1.0, None, seed, loaded.stop_token_ids())
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt_ids = loaded.tokenizer.encode(loaded.render_chat(messages), add_special_tokens=False).ids
+        sys.stdout.write("model> ")
+        [completion] = loaded.engine.generate(
+            [prompt_ids], params, on_token=lambda e: (sys.stdout.write(e.text), sys.stdout.flush())
+        )
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": completion.text or ""})
+
+
+def register(app: typer.Typer) -> None:
+    app.command("import")(import_)
+    app.command("generate")(generate)
+    app.command("chat")(chat)
