@@ -1,0 +1,84 @@
+"""The `eval:` section of llmctl.yaml: which tasks to score a model on, and how.
+
+eval:
+  tasks: [perplexity, world_mc, arc_easy]
+  limit: 500
+  shots: {mmlu: 5}
+  custom:
+    - {name: capitals, path: evals/capitals.jsonl, type: multiple_choice}
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmctl.config.base import Section
+
+
+class CustomTask(Section):
+    """A task read from a JSONL file: multiple-choice rows {query, choices, gold} or generative rows
+    {prompt, answer, match: exact|regex, pattern}."""
+
+    name: str = Field(description="Task name used on the command line and in results (e.g. `capitals`).")
+    path: str = Field(description="JSONL file, relative to the project folder.")
+    type: Literal["multiple_choice", "generative"] = Field(
+        description="multiple_choice: score each choice as a continuation of query; generative: "
+        "greedy generation compared with answer."
+    )
+    until: list[str] = Field(
+        default_factory=lambda: ["\n"],
+        description="Generative only: stop generating at the first of these strings.",
+    )
+
+
+class EvalConfig(Section):
+    """How `llmctl eval` scores a model."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["perplexity", "world_mc"],
+        description="Tasks to run: built-ins (mmlu, hellaswag, arc_easy, arc_challenge, piqa, winogrande, "
+        "lambada, gsm8k, perplexity, world_mc) or names of `custom` tasks.",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="Score at most this many items per task (perplexity: val windows)."
+    )
+    shots: dict[str, int] = Field(
+        default_factory=dict,
+        description="Few-shot examples per task, e.g. {mmlu: 5}; unlisted tasks use lm-eval's default "
+        "(gsm8k 5, others 0).",
+    )
+    batch_size: int = Field(
+        default=16, ge=1, description="Requests (continuations or prompts) per forward pass."
+    )
+    data_dir: str | None = Field(
+        default=None,
+        description="Folder with benchmark files (hub parquet/JSONL or original-release layout); "
+        "unset: download from the Hugging Face Hub (cached).",
+    )
+    custom: list[CustomTask] = Field(default_factory=list, description="Tasks defined by local JSONL files.")
+    samples_to_keep: int = Field(
+        default=20,
+        ge=0,
+        description="Rendered prompts and model answers kept per task in samples/<task>.jsonl.",
+    )
+    seed: int = Field(default=1234, description="Seed of few-shot sampling (lm-eval's default is 1234).")
+    max_gen_tokens: int = Field(
+        default=256, ge=1, description="Most tokens generated per answer (lm-eval: 256)."
+    )
+    world_seed: int | None = Field(
+        default=None,
+        description="Seed of the synthetic world for world_mc; unset: the seed in data/truth.json, else 0.",
+    )
+    world_items: int = Field(
+        default=150, ge=1, description="Number of world_mc items (the default world has 186 facts)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_custom_names(self) -> EvalConfig:
+        names = [c.name for c in self.custom]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"custom task names must be unique: {', '.join(dupes)}")
+        return self
