@@ -1,0 +1,158 @@
+"""Training metrics: peak FLOPs and MFU, the metrics.jsonl writer, optional TensorBoard/W&B, loss plot.
+
+    peak, name = peak_flops(device="cuda", dtype="bf16")       # 989e12, 'NVIDIA H100 80GB HBM3'
+    mfu(flops_per_token, tokens_per_s, peak)                   # model FLOPs utilisation, 0..1
+    writer = MetricsWriter(run_dir / "metrics.jsonl"); writer.write({"step": 1, "loss": 9.1})
+    plot_losses(run_dir / "metrics.jsonl", out / "loss.png")
+
+MFU follows PaLM (Chowdhery et al. 2022, appendix B): model FLOPs per token (6N + attention, see
+`llmctl.model.config.flops_per_token`) times tokens/s, over the device's peak dense FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import ConfigError
+
+# Dense (no sparsity) peak FLOP/s per device by name fragment, from vendor datasheets.
+# Matched in order against torch.cuda.get_device_name(); the first fragment found wins.
+GPU_PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    # (name fragment, bf16, fp32 [TF32 tensor cores are not used by fp32 matmuls by default])
+    ("H200", 989e12, 67e12),
+    ("H100 PCIe", 756e12, 51e12),
+    ("H100", 989e12, 67e12),  # SXM
+    ("GH200", 989e12, 67e12),
+    ("B200", 2250e12, 80e12),
+    ("A100", 312e12, 19.5e12),
+    ("A10G", 125e12, 31.2e12),
+    ("L40S", 362e12, 91.6e12),
+    ("L4", 121e12, 30.3e12),
+    ("RTX 4090", 165e12, 82.6e12),
+    ("RTX 3090", 71e12, 35.6e12),
+    ("V100", 125e12, 15.7e12),  # fp16 tensor cores; no bf16
+    ("T4", 65e12, 8.1e12),
+)
+# A rough CPU figure: AVX2/AVX-512 FMA at ~3 GHz gives ~50-100 GFLOP/s fp32 per core in practice
+# for PyTorch matmuls. CPU MFU is only for comparing runs on the same machine, not across machines.
+CPU_FLOPS_PER_CORE = 50e9
+
+
+def peak_flops(device: str, dtype: str, threads: int | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s, device description) for MFU; None when the GPU is not in the table."""
+    if device.startswith("cuda"):
+        import torch
+
+        name = torch.cuda.get_device_name(torch.device(device))
+        for fragment, bf16, fp32 in GPU_PEAK_FLOPS:
+            if fragment in name:
+                return (bf16 if dtype == "bf16" else fp32), name
+        return None, name
+    cores = threads or os.cpu_count() or 1
+    return cores * CPU_FLOPS_PER_CORE, f"cpu x{cores} (rough estimate)"
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1]; None without a known peak."""
+    return None if not peak else flops_per_token * tokens_per_s / peak
+
+
+class MetricsWriter:
+    """Append-only JSONL, one object per line, flushed per line so a killed run keeps its history."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (a resumed run repeats those steps from its checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.read() if line.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed process
+        return rows
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class ExternalLoggers:
+    """Optional TensorBoard and W&B sinks (imported only when enabled)."""
+
+    def __init__(self, *, tensorboard: bool, wandb: bool, log_dir: Path, project: str, config: dict):
+        self.tb = None
+        self.wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "pretrain.tensorboard is true but tensorboard is not installed",
+                    hint="pip install tensorboard, or set pretrain.tensorboard=false",
+                ) from None
+            self.tb = SummaryWriter(str(log_dir / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise ConfigError(
+                    "pretrain.wandb is true but wandb is not installed",
+                    hint="pip install wandb, or set pretrain.wandb=false",
+                ) from None
+            self.wandb = wandb_module
+            wandb_module.init(project=project, config=config, dir=str(log_dir))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_losses(metrics_path: Path, out_path: Path, title: str = "pretrain") -> Path | None:
+    """Train (and val) loss against tokens as a PNG; None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; safe in threads and on servers
+    import matplotlib.pyplot as plt
+
+    rows = MetricsWriter(metrics_path).read()
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val", markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
