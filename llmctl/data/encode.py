@@ -113,11 +113,19 @@ def _init_worker(
     if encoder == "tiktoken":
         enc = tiktoken_from_json(tokenizer_json)
         assert enc is not None, "tiktoken encoder was verified in the parent but cannot be rebuilt"
-        encode_many = lambda texts: [enc.encode_ordinary(t) for t in texts]  # noqa: E731
+
+        def encode_many(texts: list[str]) -> list[np.ndarray]:
+            # encode_to_numpy skips the list of Python ints; with no special token allowed, special
+            # strings in the text are ordinary text, exactly as encode_ordinary.
+            return [enc.encode_to_numpy(t, disallowed_special=()) for t in texts]
     else:
         hf = tokenizers.Tokenizer.from_str(tokenizer_json)
         hf.encode_special_tokens = True  # corpus text never produces special tokens
-        encode_many = lambda texts: [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]  # noqa: E731
+
+        def encode_many(texts: list[str]) -> list[np.ndarray]:
+            encs = hf.encode_batch_fast(texts, add_special_tokens=False)
+            return [np.array(e.ids, dtype=np.uint32) for e in encs]
+
     _WORKER.update(encode=encode_many, bos_id=bos_id, vocab_size=vocab_size, dtype=token_dtype(vocab_size))
 
 
@@ -130,14 +138,11 @@ class _Part:
     text_bytes: int
 
 
-def _pack(ids_list: list[list[int]], texts: list[str]) -> _Part:
+def _pack(ids_list: list[np.ndarray], texts: list[str]) -> _Part:
     lengths = np.fromiter((len(ids) + 1 for ids in ids_list), dtype=np.int64, count=len(ids_list))
-    tokens = np.empty(int(lengths.sum()), dtype=_WORKER["dtype"])
-    pos = 0
-    for ids, n in zip(ids_list, lengths.tolist(), strict=True):
-        tokens[pos] = _WORKER["bos_id"]
-        tokens[pos + 1 : pos + n] = ids
-        pos += n
+    bos = np.array([_WORKER["bos_id"]], dtype=_WORKER["dtype"])
+    parts = [a for ids in ids_list for a in (bos, ids)]
+    tokens = np.concatenate(parts).astype(_WORKER["dtype"], copy=False) if parts else bos[:0]
     return _Part(tokens, lengths, sum(len(t.encode("utf-8")) for t in texts))
 
 
