@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,7 @@ import xxhash
 
 from llmctl.data.shards import ShardInfo, ShardWriter, list_shards, token_dtype, write_index
 from llmctl.data.tokenizer import Tokenizer, tiktoken_from_json
-from llmctl.errors import ConfigError, InputError
+from llmctl.errors import ConfigError, InputError, StageFailed
 from llmctl.reporting import Reporter
 
 EncoderChoice = Literal["auto", "tiktoken", "tokenizers"]
@@ -299,6 +300,11 @@ def encode_corpus(
                             consume(pending.popleft().result())
                     while pending:
                         consume(pending.popleft().result())
+                except BrokenProcessPool:
+                    raise StageFailed(
+                        "an encoding worker process died (killed for memory?)",
+                        hint="lower tokenize.workers, or tokenize.shard_tokens",
+                    ) from None
                 except BaseException:
                     for f in pending:
                         f.cancel()

@@ -283,7 +283,7 @@ class Tokenizer:
         """Ids that end generation: the document separator (base models) and <|im_end|> (chat)."""
         return sorted({self.eos_id, self.im_end_id})
 
-    @property
+    @cached_property
     def special_tokens(self) -> dict[str, int]:
         """Every special token of the vocabulary and its id, in id order."""
         added = self.hf.get_added_tokens_decoder()
@@ -623,8 +623,8 @@ def _hub_files(repo_id: str, revision: str | None) -> tuple[Path, Path | None, P
             if not required:
                 return None
             raise InputError(
-                f"tokenize.adopt: {repo_id}/{name} is not in the local Hugging Face cache and the hub "
-                "cannot be reached (offline or HF_HUB_OFFLINE=1)",
+                f"tokenize.adopt: {repo_id!r} is not a local file or folder, and {repo_id}/{name} is not "
+                "in the local Hugging Face cache while the hub cannot be reached (offline or HF_HUB_OFFLINE=1)",
                 hint=f"where there is internet run `hf download {repo_id} {TOKENIZER_FILE} {HF_CONFIG_FILE} "
                 f"--local-dir tokenizers/{repo_id.split('/')[-1]}` and adopt that folder",
             ) from None
