@@ -153,7 +153,7 @@ def test_parallel_and_fallback_encoders_give_identical_shards(docs, tok, encoded
     r3 = encode_corpus(
         docs, tok, out3, val_fraction=0.1, shard_tokens=50_000, workers=1, seed=7, encoder="tokenizers"
     )
-    assert (r2.encoder, r3.encoder) == ("tiktoken", "tokenizers")
+    assert (r2.encoder, r3.encoder, r2.workers) == ("tiktoken", "tokenizers", 2)
     for split in ("train", "val"):
         files = [list_shards(o / split) for o in (out1, out2, out3)]
         assert len({len(f) for f in files}) == 1

@@ -227,7 +227,8 @@ def encode_corpus(
 ) -> EncodeResult:
     """Encode `(doc_id, text)` pairs into `out_dir/train/`, `out_dir/val/` shards and `shards.json`.
 
-    `workers` processes encode in parallel (default: all cores; 1 encodes in this process). Empty
+    `workers` processes encode in parallel (default: all cores; 1, or a corpus smaller than the
+    encoder-check sample, encodes in this process; `EncodeResult.workers` says which). Empty
     documents are skipped and counted. `total_docs`, when known, sizes the progress bar.
     """
     reporter = reporter or Reporter()
@@ -249,6 +250,9 @@ def encode_corpus(
         sample_chars += len(doc[1])
         if len(sample) >= _SAMPLE_DOCS or sample_chars >= _SAMPLE_CHARS:
             break
+    else:
+        # The whole corpus fits in the sample: starting worker processes would cost more than it saves.
+        workers = 1
     name, note = choose_encoder(tokenizer, encoder, [t for _, t in sample if t])
     (reporter.log if name == "tiktoken" or encoder == "tokenizers" else reporter.warn)(
         f"encoder: {name} ({note})"
