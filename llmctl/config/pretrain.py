@@ -145,7 +145,12 @@ class PretrainConfig(Section):
     eval_every: int = Field(
         100, ge=0, description="Validation loss / bits per byte every N steps (and at the end); 0 = end only."
     )
-    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation, per device.")
+    eval_batches: int = Field(
+        8,
+        ge=1,
+        description="Validation micro-batches per evaluation, over all processes (each of W processes "
+        "takes eval_batches // W), so the val loss does not depend on the process count.",
+    )
     checkpoint_every: int = Field(
         100, ge=0, description="Save a resumable checkpoint every N steps; 0 = only on interrupt."
     )

@@ -190,6 +190,14 @@ def grad_accum_steps(cfg: PretrainConfig, world_size: int) -> int:
     return cfg.batch_tokens // per_pass
 
 
+def cpu_threads(local_world_size: int) -> int:
+    """Torch threads per process: the cores split among this node's processes, capped by
+    OMP_NUM_THREADS when set. Never more than the cores: oversubscribing measured 10x slower."""
+    threads = max(1, (os.cpu_count() or 1) // local_world_size)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
+
+
 def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
     """Bytes of text each id stands for; 0 for special tokens, which bits-per-byte leaves out."""
     specials = set(tok.special_tokens.values())
@@ -274,8 +282,7 @@ def train(
 
     # -- setup: threads and precision
     if info.device == "cpu":
-        # One thread per core, split among the processes on this node: oversubscribing measured 10x slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+        torch.set_num_threads(cpu_threads(info.local_world_size))
     device_type = "cuda" if info.device.startswith("cuda") else "cpu"
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     if dtype == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -513,7 +520,7 @@ def train(
                         val_dir,
                         batch_size=eval_batch,
                         seq_len=cfg.seq_len,
-                        max_batches=cfg.eval_batches,
+                        max_batches=max(1, cfg.eval_batches // info.world_size),
                         token_bytes=token_bytes,
                         info=info,
                         autocast=autocast,
