@@ -190,6 +190,8 @@ def tiktoken_from_json(tokenizer_json: str) -> tiktoken.Encoding | None:
     ):
         return None
     added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
+    if not all(t.get("special") for t in data.get("added_tokens", [])):
+        return None  # `tokenizers` matches non-special added tokens inside text; tiktoken cannot
     ranks: dict[bytes, int] = {}
     for tok, i in model["vocab"].items():
         if i in added:
