@@ -478,7 +478,10 @@ def build_datatrove_executors(
     steps = [
         (
             "signatures",
-            [JsonlReader(str(input_dir), compression=None, glob_pattern="*.jsonl"), signature],
+            [
+                JsonlReader(str(input_dir), compression=None, glob_pattern="*.jsonl", add_file_path=False),
+                signature,
+            ],
             tasks,
         ),
         (
@@ -502,7 +505,7 @@ def build_datatrove_executors(
         (
             "filter",
             [
-                JsonlReader(str(input_dir), compression=None, glob_pattern="*.jsonl"),
+                JsonlReader(str(input_dir), compression=None, glob_pattern="*.jsonl", add_file_path=False),
                 MinhashDedupFilter(
                     str(work / "remove_ids"),
                     exclusion_writer=JsonlWriter(str(work / "removed"), adapter=_strip_cluster_metadata),
