@@ -405,6 +405,7 @@ def run_filters(
     documents_out, dropped ({reason: count}), modified (documents whose text the step changed),
     seconds. Raises InputError when there is no input or every document is dropped.
     """
+    global _WORKER_STEPS
     reporter = reporter or Reporter()
     out_dir, base_dir = Path(out_dir), Path(base_dir or ".")
     names = [s.step_name for s in cfg.steps]
@@ -436,9 +437,13 @@ def run_filters(
                 # fork, not forkserver/spawn: those re-run the caller's __main__ in every worker, and a
                 # script without an `if __name__ == "__main__"` guard then respawns workers forever.
                 # Workers only compute (no console, no torch), so forking a threaded parent is safe here.
-                methods = multiprocessing.get_all_start_methods()
-                ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, base_dir))
+                if "fork" in multiprocessing.get_all_start_methods():
+                    # forked workers inherit the built steps (URL block-lists hold ~4.5M domains)
+                    _WORKER_STEPS = steps
+                    pool = multiprocessing.get_context("fork").Pool(workers)
+                else:
+                    ctx = multiprocessing.get_context("spawn")
+                    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, base_dir))
                 processed = pool.imap(_worker_batch, all_batches, chunksize=1)
             else:
                 processed = (_process_batch(steps, b) for b in all_batches)
@@ -462,6 +467,7 @@ def run_filters(
         if pool is not None:
             pool.terminate()
             pool.join()
+            _WORKER_STEPS = None
 
     seconds = time.perf_counter() - t_start
     if n_in == 0:
