@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from llmctl import __version__
-from llmctl.cli import artifacts, models, pipeline, project, stages
+from llmctl.cli import artifacts, evals, models, pipeline, project, stages
 from llmctl.cli.options import CliState
 from llmctl.errors import Interrupted, LlmctlError
 
@@ -67,6 +67,7 @@ artifacts.register(app)
 pipeline.register(app)
 stages.register(app)
 models.register(app)
+evals.register(app)
 
 
 _MAIN_PID = os.getpid()

@@ -11,6 +11,7 @@ from pydantic import Field
 from llmctl.config.base import Section
 from llmctl.config.data import DataConfig
 from llmctl.config.dedup import DedupConfig
+from llmctl.config.eval import EvalConfig
 from llmctl.config.filter import FilterConfig
 from llmctl.config.tokenize import TokenizeConfig
 
@@ -32,3 +33,4 @@ class ProjectConfig(Section):
     tokenize: TokenizeConfig = Field(
         default_factory=TokenizeConfig, description="BPE tokenizer training (or adoption) and token shards."
     )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmarks and perplexity of a model.")

@@ -2,6 +2,7 @@
 
 from llmctl.stages.registry import (
     CORPUS,
+    EVAL,
     MODEL,
     TOKENS,
     STAGES,
@@ -36,6 +37,18 @@ register(
         output_kind=TOKENS,
         sections=("tokenize",),
         inputs=(InputSlot("corpus", (CORPUS,), ("filter", "dedup"), sources_fallback=True),),
+    )
+)
+register(
+    Stage(
+        name="eval",
+        description="Score a model on benchmarks, custom tasks and perplexity.",
+        output_kind=EVAL,
+        sections=("eval",),
+        inputs=(
+            InputSlot("model", (MODEL,), ("pretrain",)),
+            InputSlot("data", (TOKENS,), ("tokenize",), required=False),
+        ),
     )
 )
 register(
