@@ -136,6 +136,8 @@ def format_validation_errors(
             if prefix in lines:
                 where = f"{source}:{lines[prefix]}"
                 break
+        if where != "--set" and any(o.startswith(f"{key}.") for o in overridden):
+            where += " (with --set)"  # a rule across fields of a section that an override touched
         out.append(f"{where}: {key}: {message}")
     return out
 
