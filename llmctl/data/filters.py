@@ -344,6 +344,11 @@ def _process_batch(
         dropped_by, reason = -1, None
         for i, step in enumerate(steps):
             counts.docs_in[i] += 1
+            if not doc.text.strip():
+                # datatrove's rules divide by word counts; a blank text would crash them mid-run
+                counts.dropped[i]["empty"] += 1
+                dropped_by, reason = i, "empty"
+                break
             t0 = clock()
             before = doc.text
             if isinstance(step, BaseFormatter):
