@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -449,7 +449,7 @@ def run_filters(
                 else:
                     ctx = multiprocessing.get_context("spawn")
                     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, base_dir))
-                processed = pool.imap(_worker_batch, all_batches, chunksize=1)
+                processed = _in_order(pool, all_batches, window=4 * workers)
             else:
                 processed = (_process_batch(steps, b) for b in all_batches)
             n_in = 0
@@ -515,6 +515,20 @@ def run_filters(
             hint="loosen the step that drops most in filter.steps (see excluded/ for examples), or check the input",
         )
     return metrics
+
+
+def _in_order(
+    pool: Any, batches: Iterator[list[Document]], window: int
+) -> Iterator[tuple[list[_Result], _Counts]]:
+    """Results of `batches` in input order, with at most `window` batches in flight. (Pool.imap would
+    read the whole input into its task queue: unbounded memory on a large corpus.)"""
+    pending: deque[Any] = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(_worker_batch, (batch,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _chain(head: list[list[Document]], rest: Iterator[list[Document]]) -> Iterator[list[Document]]:
