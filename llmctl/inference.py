@@ -36,7 +36,9 @@ class LoadedModel:
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The chat template applied to `messages`, ending with the assistant's turn opened."""
         if not self.chat_template:
-            raise InputError("this model's tokenizer has no chat template", hint="use `llmctl generate` instead")
+            raise InputError(
+                "this model's tokenizer has no chat template", hint="use `llmctl generate` instead"
+            )
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -64,7 +66,9 @@ def load_model(folder: Path, *, device: str = "cpu", dtype: Any = None) -> Loade
 
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise InputError(f"{folder}: no tokenizer.json in the model folder", hint="import or train it with llmctl")
+        raise InputError(
+            f"{folder}: no tokenizer.json in the model folder", hint="import or train it with llmctl"
+        )
     tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     config_file = folder / "tokenizer_config.json"
     tok_config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.is_file() else {}

@@ -80,7 +80,9 @@ def init_project(dest: Path, template_name: str = "tiny", name: str | None = Non
         if synthetic:
             from llmctl.data.synthetic import generate_corpus
 
-            generate_corpus(staging / "data", n_docs=int(synthetic["docs"]), seed=int(synthetic.get("seed", 0)))
+            generate_corpus(
+                staging / "data", n_docs=int(synthetic["docs"]), seed=int(synthetic.get("seed", 0))
+            )
             made["files"] += sorted(f"data/{p.name}" for p in (staging / "data").iterdir())
         if dest.exists():
             dest.rmdir()

@@ -46,7 +46,12 @@ def test_dedup_filter_reuse_lineage_and_samples(corpus_project):
     assert rows["dedup"]["reused"] is True and rows["filter"]["artifact"] == "filter:v0002"
 
     listing = run_cli("artifacts", "ls", "--json", cwd=corpus_project).json()
-    assert [a["id"] for a in listing["artifacts"]] == ["dedup:v0001", "dedup:v0002", "filter:v0001", "filter:v0002"]
+    assert [a["id"] for a in listing["artifacts"]] == [
+        "dedup:v0001",
+        "dedup:v0002",
+        "filter:v0001",
+        "filter:v0002",
+    ]
 
 
 def test_bad_input_exits_2_and_publishes_nothing(tmp_path):

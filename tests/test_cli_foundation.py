@@ -114,4 +114,6 @@ def test_completions_are_current():
         fresh = run_cli("--show-completion", shell, env=None)
         assert fresh.code == 0, fresh.stderr
         stored = (REPO / "completions" / name).read_text()
-        assert fresh.stdout == stored, f"completions/{name} is stale: regenerate it (see completions/README.md)"
+        assert fresh.stdout == stored, (
+            f"completions/{name} is stale: regenerate it (see completions/README.md)"
+        )

@@ -87,6 +87,9 @@ def main() -> None:
     """Console-script entry point."""
     global _MAIN_PID
     _MAIN_PID = os.getpid()
+    # datatrove logs every step at INFO through loguru; keep stderr for our own progress unless asked.
+    if "-v" not in sys.argv[1:] and "--verbose" not in sys.argv[1:]:
+        os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
     json_mode = "--json" in sys.argv[1:]

@@ -69,10 +69,18 @@ def ls(
     def render(console) -> None:
         table = Table("id", "kind", "created", "size", "inputs")
         for row in rows:
-            table.add_row(row["id"], row["kind"], row["created"], _human_bytes(row["bytes"]), ", ".join(row["inputs"]))
+            table.add_row(
+                row["id"], row["kind"], row["created"], _human_bytes(row["bytes"]), ", ".join(row["inputs"])
+            )
         console.print(table if rows else "no artifacts yet")
         if runs:
-            runs_table = Table("unpublished run", "status", "started", "error", title="runs (`llmctl artifacts clean` removes)")
+            runs_table = Table(
+                "unpublished run",
+                "status",
+                "started",
+                "error",
+                title="runs (`llmctl artifacts clean` removes)",
+            )
             for run in runs:
                 runs_table.add_row(run["path"], run["status"], run["started"], run["error"] or "")
             console.print(runs_table)
@@ -84,7 +92,9 @@ def ls(
 def show(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="latest, STAGE:latest, STAGE:vN or a path.")],
-    samples: Annotated[int, typer.Option("--samples", help="Show N example documents (corpus artifacts).")] = 0,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Show N example documents (corpus artifacts).")
+    ] = 0,
     encode: Annotated[
         str | None, typer.Option("--encode", help="Show the tokens of this text (tokens artifacts).")
     ] = None,
@@ -153,7 +163,9 @@ def lineage(
 def rm(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="STAGE:vN or a path (not `latest`, to avoid surprises).")],
-    force: Annotated[bool, typer.Option("--force", help="Remove even if other artifacts depend on it.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Remove even if other artifacts depend on it.")
+    ] = False,
     json_: JsonOption = False,
 ) -> None:
     """Remove an artifact. Refuses while another artifact depends on it, unless --force.

@@ -22,7 +22,9 @@ def _parse_minimums(items: list[str] | None) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not key.strip():
-            raise UsageError(f"bad --min {item!r}: expected TASK=SCORE", hint="e.g. --min world_mc=0.5 --min mmlu/acc=0.3")
+            raise UsageError(
+                f"bad --min {item!r}: expected TASK=SCORE", hint="e.g. --min world_mc=0.5 --min mmlu/acc=0.3"
+            )
     return minimums
 
 
@@ -52,7 +54,9 @@ def _compare(ctx: typer.Context, refs: list[str], json_: bool) -> None:
     from llmctl.stages.runner import workspace_for
 
     if len(refs) < 1:
-        raise UsageError("eval compare needs eval artifact references", hint="llmctl eval compare eval:v1 eval:v2")
+        raise UsageError(
+            "eval compare needs eval artifact references", hint="llmctl eval compare eval:v1 eval:v2"
+        )
     state = state_of(ctx)
     out = state.output(json_)
     config, folder = state.load_project()
@@ -64,7 +68,9 @@ def _compare(ctx: typer.Context, refs: list[str], json_: bool) -> None:
         labels = [a.id for a in artifacts]
         table = Table("metric", *labels)
         for row in rows:
-            table.add_row(row["metric"], *(f"{row[x]:.4f}" if isinstance(row[x], float) else "-" for x in labels))
+            table.add_row(
+                row["metric"], *(f"{row[x]:.4f}" if isinstance(row[x], float) else "-" for x in labels)
+            )
         console.print(table)
 
     out.result(rows, render)
@@ -74,18 +80,26 @@ def eval_(
     ctx: typer.Context,
     tasks: Annotated[
         list[str] | None,
-        typer.Argument(help="Tasks (mmlu, hellaswag, arc_easy, ..., perplexity, world_mc, custom names); "
-                       "default: eval.tasks. `compare REF REF...` compares eval artifacts."),
+        typer.Argument(
+            help="Tasks (mmlu, hellaswag, arc_easy, ..., perplexity, world_mc, custom names); "
+            "default: eval.tasks. `compare REF REF...` compares eval artifacts."
+        ),
     ] = None,
     ckpt: CkptOption = "latest",
     limit: Annotated[int | None, typer.Option("--limit", help="At most N items per task.")] = None,
     shots: Annotated[int | None, typer.Option("--shots", help="Few-shot examples (mmlu, gsm8k).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Sequences per forward pass.")
+    ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Local task data (hub or original layout), or a text file for perplexity.")
+        Path | None,
+        typer.Option(
+            "--data-dir", help="Local task data (hub or original layout), or a text file for perplexity."
+        ),
     ] = None,
     minimum: Annotated[
-        list[str] | None, typer.Option("--min", help="Gate: exit 1 when TASK[/METRIC] scores below SCORE. Repeatable.")
+        list[str] | None,
+        typer.Option("--min", help="Gate: exit 1 when TASK[/METRIC] scores below SCORE. Repeatable."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Few-shot sampling seed.")] = None,
     force: ForceOption = False,
@@ -131,7 +145,9 @@ def eval_(
             shots={t: shots for t in options.get("tasks", [])} if shots is not None else None,
             batch_size=batch_size or 16,
             data_dir=Path(options["data_dir"]) if data_dir and Path(options["data_dir"]).is_dir() else None,
-            perplexity_data=Path(options["data_dir"]) if data_dir and Path(options["data_dir"]).is_file() else None,
+            perplexity_data=Path(options["data_dir"])
+            if data_dir and Path(options["data_dir"]).is_file()
+            else None,
             reporter=out.reporter(),
         )
         artifact_id = None
@@ -140,12 +156,20 @@ def eval_(
 
         config, folder = state.load_project(sets)
         outcome = run_stage(
-            "eval", config, folder, refs={"model": ckpt}, force=force, reporter=out.reporter(), options=options
+            "eval",
+            config,
+            folder,
+            refs={"model": ckpt},
+            force=force,
+            reporter=out.reporter(),
+            options=options,
         )
         results = load_results(outcome.artifact.path)
         artifact_id = outcome.artifact.id
     failures = check_thresholds(results, minimums) if minimums else []
-    out.result({"artifact": artifact_id, **results, "gate_failures": failures}, _render_results(results, failures))
+    out.result(
+        {"artifact": artifact_id, **results, "gate_failures": failures}, _render_results(results, failures)
+    )
     if failures:
         raise typer.Exit(code=1)
 

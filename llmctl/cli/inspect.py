@@ -64,7 +64,12 @@ def render_artifact(console: Console, artifact, extras: dict[str, Any]) -> None:
         for doc in sampled.get("kept", []):
             table.add_row("[green]kept[/]", Text(doc["id"]), "", Text(_short(doc["text"])))
         for doc in sampled.get("excluded", []):
-            table.add_row("[red]dropped[/]", Text(doc["id"]), Text(str(doc.get("reason") or "")), Text(_short(doc["text"])))
+            table.add_row(
+                "[red]dropped[/]",
+                Text(doc["id"]),
+                Text(str(doc.get("reason") or "")),
+                Text(_short(doc["text"])),
+            )
         console.print(table)
     tokens = extras.get("tokens")
     if tokens:

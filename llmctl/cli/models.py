@@ -30,7 +30,9 @@ def model_folder(ctx: typer.Context, ref: str) -> Path:
 def import_(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="HF model folder, hub repo id (org/name), or a .gguf file.")],
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")
+    ] = None,
     force: ForceOption = False,
     json_: JsonOption = False,
 ) -> None:
@@ -50,8 +52,16 @@ def import_(
     run_stage_command(ctx, "import", sets=None, force=force, json_=json_, options=options)
 
 
-def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-              stop: list[str] | None, seed: int | None, stop_ids: tuple[int, ...]):
+def _sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    stop: list[str] | None,
+    seed: int | None,
+    stop_ids: tuple[int, ...],
+):
     from llmctl.model.engine import SamplingParams
 
     return SamplingParams(
@@ -100,7 +110,9 @@ def generate(
     state = state_of(ctx)
     out = state.output(json_)
     loaded = load_model(model_folder(ctx, ckpt))
-    params = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, loaded.stop_token_ids())
+    params = _sampling(
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, loaded.stop_token_ids()
+    )
     prompt_ids = loaded.encode(prompt)
     if len(prompt_ids) + max_new_tokens > loaded.config.max_seq_len:
         raise UsageError(

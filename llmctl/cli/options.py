@@ -48,7 +48,9 @@ class CliState:
         if self.project_option is not None:
             folder = self.project_option.expanduser().resolve()
             if not (folder / PROJECT_FILE).is_file():
-                raise UsageError(f"{folder}: no {PROJECT_FILE} here", hint="llmctl init NAME creates a project")
+                raise UsageError(
+                    f"{folder}: no {PROJECT_FILE} here", hint="llmctl init NAME creates a project"
+                )
             return folder
         found = find_project_dir(Path.cwd())
         if found is None:
@@ -64,7 +66,7 @@ class CliState:
         from llmctl.config.project import ProjectConfig
 
         folder = self.project_dir()
-        return load_config(ProjectConfig, folder / PROJECT_FILE, sets), folder
+        return load_config(ProjectConfig, folder / PROJECT_FILE, sets, context={"base_dir": folder}), folder
 
 
 def state_of(ctx: typer.Context) -> CliState:

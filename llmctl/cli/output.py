@@ -16,15 +16,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    ProgressColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-
 from rich.text import Text
 
 from llmctl.errors import ConfigError, LlmctlError

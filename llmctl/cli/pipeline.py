@@ -65,7 +65,12 @@ def run(
     def render(console) -> None:
         table = Table("stage", "artifact", "status", "seconds")
         for row in rows:
-            table.add_row(row["stage"], row["artifact"], "up to date" if row["reused"] else "new", f"{row['seconds']:.1f}")
+            table.add_row(
+                row["stage"],
+                row["artifact"],
+                "up to date" if row["reused"] else "new",
+                f"{row['seconds']:.1f}",
+            )
         console.print(table)
 
     out.result({"ok": True, "stages": rows}, render)

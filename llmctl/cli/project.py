@@ -11,13 +11,19 @@ from rich.table import Table
 from llmctl.cli.options import JsonOption, SetOption, state_of
 from llmctl.errors import UsageError
 
-config_app = typer.Typer(help="Validate, show and describe the project file (llmctl.yaml).", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Validate, show and describe the project file (llmctl.yaml).", no_args_is_help=True
+)
 
 
 def init(
     ctx: typer.Context,
-    name: Annotated[str | None, typer.Argument(help="Folder to create (its name becomes the project name).")] = None,
-    template: Annotated[str, typer.Option("--template", "-t", help="Project template (see --list).")] = "tiny",
+    name: Annotated[
+        str | None, typer.Argument(help="Folder to create (its name becomes the project name).")
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", "-t", help="Project template (see --list).")
+    ] = "tiny",
     list_: Annotated[bool, typer.Option("--list", help="List the templates and exit.")] = False,
     json_: JsonOption = False,
 ) -> None:
@@ -49,8 +55,7 @@ def init(
     out.result(
         made,
         lambda console: console.print(
-            f"Created {made['project']} from template {made['template']!r}.\n"
-            f"Next: cd {name} && llmctl run",
+            f"Created {made['project']} from template {made['template']!r}.\nNext: cd {name} && llmctl run",
             highlight=False,
         ),
     )
@@ -87,7 +92,10 @@ def config_show(ctx: typer.Context, sets: SetOption = None, json_: JsonOption = 
     out = state.output(json_)
     config, _ = state.load_project(sets)
     data = config.model_dump(mode="json")
-    out.result(data, lambda console: console.print(yaml.safe_dump(data, sort_keys=False), highlight=False, markup=False))
+    out.result(
+        data,
+        lambda console: console.print(yaml.safe_dump(data, sort_keys=False), highlight=False, markup=False),
+    )
 
 
 @config_app.command("schema")

@@ -12,7 +12,9 @@ from llmctl.cli.pipeline import outcome_row
 
 InputOption = Annotated[
     str | None,
-    typer.Option("--input", "-i", help="Input artifact reference (default: the newest from the previous stage)."),
+    typer.Option(
+        "--input", "-i", help="Input artifact reference (default: the newest from the previous stage)."
+    ),
 ]
 
 
@@ -62,7 +64,9 @@ def run_stage_command(
     return row
 
 
-def dedup(ctx: typer.Context, force: ForceOption = False, sets: SetOption = None, json_: JsonOption = False) -> None:
+def dedup(
+    ctx: typer.Context, force: ForceOption = False, sets: SetOption = None, json_: JsonOption = False
+) -> None:
     """Remove exact and near-duplicate documents from the project's data sources.
 
     [bold]Examples[/]
@@ -95,7 +99,9 @@ def tokenize(
     input_: InputOption = None,
     inspect: Annotated[
         str | None,
-        typer.Option("--inspect", help="Show the tokens of this text with the newest tokenizer (runs nothing)."),
+        typer.Option(
+            "--inspect", help="Show the tokens of this text with the newest tokenizer (runs nothing)."
+        ),
     ] = None,
     force: ForceOption = False,
     sets: SetOption = None,
@@ -116,7 +122,9 @@ def tokenize(
         config, folder = state.load_project(sets)
         from llmctl.stages.runner import workspace_for
 
-        artifact = workspace_for(config, folder).resolve(input_ or "tokenize:latest", kinds=("tokens", "model"))
+        artifact = workspace_for(config, folder).resolve(
+            input_ or "tokenize:latest", kinds=("tokens", "model")
+        )
         tokens = tokens_of(artifact, inspect)
         out.result(
             {"artifact": artifact.id, "text": inspect, "tokens": tokens},

@@ -148,8 +148,11 @@ def load_config(
     overrides: list[str] | None = None,
     *,
     defaults: dict | None = None,
+    context: dict | None = None,
 ) -> M:
-    """Read `path` (or start from `defaults` when None), apply overrides, validate into `model`."""
+    """Read `path` (or start from `defaults` when None), apply overrides, validate into `model`.
+
+    `context` reaches validators (e.g. {"base_dir": project folder} so file paths are checked)."""
     source = path.name if path is not None else "(defaults)"
     data: Any = dict(defaults or {})
     lines: dict[str, int] = {}
@@ -171,7 +174,7 @@ def load_config(
         apply_override(data, key_path, value, origin=f"--set {item}")
         overridden.add(_dotted(key_path))
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         errors = format_validation_errors(exc, source, lines, overridden)
         noun = "error" if len(errors) == 1 else "errors"

@@ -23,5 +23,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.note("filter: no dedup artifact; reading data.sources directly")
         documents = read_sources(ctx.project.data, ctx.project_dir, ctx.reporter)
     else:
-        raise ConfigError("nothing to filter: no dedup artifact and no data.sources", hint="run `llmctl dedup`")
+        raise ConfigError(
+            "nothing to filter: no dedup artifact and no data.sources", hint="run `llmctl dedup`"
+        )
     return run_filters(documents, ctx.output_dir, ctx.config, ctx.reporter, ctx.project_dir)

@@ -169,7 +169,9 @@ def run_stage(
     resumed = False
     run_dir = None
     if resume:
-        candidates = [r for r in workspace.runs(stage.name) if r.status in ("incomplete", "interrupted", "failed")]
+        candidates = [
+            r for r in workspace.runs(stage.name) if r.status in ("incomplete", "interrupted", "failed")
+        ]
         matching = [r for r in candidates if r.config_hash == config_hash]
         if candidates and not matching:
             reporter.warn(f"{stage.name}: unfinished runs exist but none with this config; starting fresh")

@@ -27,7 +27,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.config
     corpus = ctx.inputs.get("corpus")
     if corpus is None and ctx.project.data is None:
-        raise ConfigError("nothing to tokenize: no corpus artifact and no data.sources", hint="run `llmctl filter`")
+        raise ConfigError(
+            "nothing to tokenize: no corpus artifact and no data.sources", hint="run `llmctl filter`"
+        )
     if corpus is None:
         ctx.note("tokenize: no corpus artifact; reading data.sources directly")
 
@@ -52,7 +54,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
     tokenizer.save(ctx.output_dir / TOKENIZER_DIR)
     seed = cfg.seed if cfg.seed is not None else ctx.project.seed
-    docs_in = corpus.manifest.metrics.get("documents_out", corpus.manifest.metrics.get("docs_out")) if corpus else None
+    docs_in = (
+        corpus.manifest.metrics.get("documents_out", corpus.manifest.metrics.get("docs_out"))
+        if corpus
+        else None
+    )
     result = encode_corpus(
         ((doc.id, doc.text) for doc in documents()),
         tokenizer,

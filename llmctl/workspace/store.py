@@ -196,7 +196,9 @@ class Workspace:
             stage, which = match.groups()
             existing = self.artifacts(stage)
             if not existing:
-                raise InputError(f"unknown reference {ref!r}: no {stage} artifacts", hint=self._what_exists_hint())
+                raise InputError(
+                    f"unknown reference {ref!r}: no {stage} artifacts", hint=self._what_exists_hint()
+                )
             if which == "latest":
                 artifact = existing[-1]
             else:
@@ -308,7 +310,9 @@ class Workspace:
             for record in a.manifest.inputs:
                 parent = by_id.get(record.id)
                 if parent is None:
-                    children.append({"id": record.id, "kind": record.kind, "slot": record.slot, "missing": True})
+                    children.append(
+                        {"id": record.id, "kind": record.kind, "slot": record.slot, "missing": True}
+                    )
                 else:
                     child = node(parent)
                     child["slot"] = record.slot
