@@ -35,25 +35,42 @@ IGNORE_INDEX = -100  # target value that contributes no loss (the PyTorch / HF c
 # ---- small functions -----------------------------------------------------------------------------
 
 
+_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (parameter `weight`, as HF), calling the fused kernel on CPU when torch has one:
+    F.rms_norm runs a composite of ~6 ops there (measured ~13% of a small CPU training step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FUSED_RMS_NORM and x.device.type == "cpu":
+            return torch.ops.aten._fused_rms_norm(x, list(self.normalized_shape), self.weight, self.eps)[0]
+        return super().forward(x)
+
+
 def rope_tables(
     head_dim: int, max_seq_len: int, theta: float, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * inverse frequency, each (max_seq_len, head_dim // 2), fp32.
+    """Rotary tables (max_seq_len, head_dim): cos = [cos, cos], sin = [-sin, sin] (sign folded in).
 
-    Computed exactly as HF Llama does (fp32 outer product) so imported models match to fp32 rounding.
+    Angles are computed exactly as HF Llama does (fp32 outer product), so imported models match to
+    fp32 rounding; folding the sign into sin makes `apply_rotary` three elementwise ops.
     """
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
     )
     t = torch.arange(max_seq_len, dtype=torch.int64, device=device).float()
     freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (x1, x2) halves of the last dim: x (B, T, H, hd), cos/sin broadcastable to (B, T, 1, hd/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate the (x1, x2) halves of the last dim ("rotate-half" layout, as HF Llama):
+    [x1 cos - x2 sin, x2 cos + x1 sin] = x * cos + roll(x) * sin, with roll(x) = [x2, x1] and the
+    tables from rope_tables. x (B, T, H, hd); cos/sin broadcastable to (B, T, 1, hd).
+    (3 ops instead of 7 for chunk/mul/cat: measured 3-10x faster forward+backward on CPU.)"""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # ---- KV cache ------------------------------------------------------------------------------------
@@ -107,8 +124,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_dim, cfg.n_embd, bias=False)
         if cfg.qk_norm:  # per-head RMSNorm of q and k before rotary (Qwen3; stabilises logits)
-            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
     def forward(
@@ -157,9 +174,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, is_causal, cache):
@@ -178,7 +195,7 @@ class Transformer(nn.Module):
             dict(
                 embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
                 layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                norm=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
+                norm=RMSNorm(config.n_embd, eps=config.norm_eps),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -260,12 +277,12 @@ class Transformer(nn.Module):
             cos, sin = (
                 self.rope_cos[None, past:S, None, :],
                 self.rope_sin[None, past:S, None, :],
-            )  # (1, T, 1, hd/2)
+            )  # (1, T, 1, hd)
         else:
             cos, sin = (
                 self.rope_cos[position_ids].unsqueeze(2),
                 self.rope_sin[position_ids].unsqueeze(2),
-            )  # (B, T, 1, hd/2)
+            )  # (B, T, 1, hd)
 
         mask, is_causal = None, False
         if attention_mask is None:
