@@ -71,9 +71,10 @@ class DedupConfig(Section):
     rows: int = Field(8, ge=1, description="MinHash values per band; bands x rows hashes per document.")
     seed: int = Field(1, description="Seed of the MinHash permutations.")
     workers: int = Field(
-        default_factory=_cpu_count,
-        ge=1,
-        description="Local worker processes (default: the CPU cores available).",
+        0,
+        ge=0,
+        description="Local worker processes; 0 = one per available CPU core (a machine-independent "
+        "default, so the config hash is the same everywhere).",
     )
     shard_size: int = Field(
         10_000,
@@ -102,3 +103,8 @@ class DedupConfig(Section):
         if self.executor == "slurm" and not self.slurm.partition:
             raise ValueError("executor: slurm needs slurm.partition")
         return self
+
+    @property
+    def local_workers(self) -> int:
+        """`workers`, with 0 resolved to the CPU cores this process may use."""
+        return self.workers or _cpu_count()

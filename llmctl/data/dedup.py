@@ -282,7 +282,7 @@ def _run_datasketch(
     docs_dir = _prepare_out_dir(out_dir)
     chunk_dir = scratch / "dedup-chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    workers = max(1, cfg.workers)
+    workers = cfg.local_workers
     pool = _make_pool(workers, (cfg.n_grams, cfg.bands, cfg.rows, cfg.seed))
 
     ids: list[str] = []
@@ -524,7 +524,7 @@ def build_datatrove_executors(
         depends = executors[-1] if executors else None
         if cfg.executor == "local":
             ex = LocalPipelineExecutor(
-                pipeline, tasks=n_tasks, workers=min(cfg.workers, n_tasks), logging_dir=logs, depends=depends
+                pipeline, tasks=n_tasks, workers=min(cfg.local_workers, n_tasks), logging_dir=logs, depends=depends
             )
         elif cfg.executor == "slurm":
             from datatrove.executor import SlurmPipelineExecutor
@@ -702,7 +702,7 @@ def run_dedup(
         "engine": cfg.engine,
         **metrics,
         "threshold": round(cfg.threshold, 4),
-        "workers": cfg.workers,
+        "workers": cfg.local_workers,
         "elapsed_seconds": round(elapsed, 3),
         "docs_per_second": round(metrics["docs_in"] / elapsed, 1) if elapsed > 0 else 0.0,
     }
