@@ -37,7 +37,7 @@ def make_corpus(folder: Path, n_docs: int, seed: int) -> None:
 def llmctl_run(corpus: Path, scratch: Path, cfg: DedupConfig) -> tuple[int, int]:
     out = Path(tempfile.mkdtemp(dir=scratch))
     m = run_dedup(iter_corpus(corpus), out, cfg, scratch_dir=scratch / "s")
-    return m["docs_in"], m["docs_out"]
+    return m["documents_in"], m["documents_out"]
 
 
 def datasketch_run(corpus: Path, limit: int, hashfunc: Callable | None) -> tuple[int, int]:

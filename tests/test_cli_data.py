@@ -10,7 +10,7 @@ def test_dedup_filter_reuse_lineage_and_samples(corpus_project):
     assert first.code == 0, first.stderr
     doc = first.json()
     assert doc["artifact"] == "dedup:v0001" and doc["reused"] is False
-    assert doc["metrics"]["docs_in"] == 600
+    assert doc["metrics"]["documents_in"] == 600
     assert doc["metrics"]["exact_duplicates"] > 0 and doc["metrics"]["near_duplicates"] > 0
 
     again = run_cli("dedup", "--json", cwd=corpus_project)
@@ -20,7 +20,7 @@ def test_dedup_filter_reuse_lineage_and_samples(corpus_project):
     filtered = run_cli("--json", "filter", cwd=corpus_project)
     assert filtered.code == 0, filtered.stderr
     metrics = filtered.json()["metrics"]
-    assert metrics["documents_in"] == doc["metrics"]["docs_out"]
+    assert metrics["documents_in"] == doc["metrics"]["documents_out"]
     assert any(step["dropped"] for step in metrics["steps"])
 
     shown = run_cli("artifacts", "show", "filter:latest", "--samples", "2", "--json", cwd=corpus_project)

@@ -66,7 +66,7 @@ def _check_against_truth(docs: list[Document], truth: CorpusTruth, out: Path, me
     false_removals = [i for i in removed if i not in planted]
     assert len(false_removals) < 0.01 * (len(docs) - len(planted)), false_removals
 
-    assert metrics["docs_in"] == len(docs) and metrics["docs_out"] == len(kept)
+    assert metrics["documents_in"] == len(docs) and metrics["documents_out"] == len(kept)
     assert metrics["exact_duplicates"] + metrics["near_duplicates"] == len(removed)
     assert metrics["bytes_out"] == sum(len(d.text.encode()) for d in kept)
     assert metrics["clusters"] == sum(metrics["cluster_sizes"].values())
@@ -86,7 +86,7 @@ def test_datasketch_engine_finds_planted_duplicates(corpus, tmp_path: Path, work
             assert orig not in removed
     shards = sorted((tmp_path / "out" / "documents").glob("*.jsonl.gz"))
     assert [p.name for p in shards] == [f"{i:05d}.jsonl.gz" for i in range(metrics["shards"])]
-    assert metrics["shards"] == -(-metrics["docs_out"] // 1000)
+    assert metrics["shards"] == -(-metrics["documents_out"] // 1000)
     assert not any((tmp_path / "scratch").iterdir())  # scratch cleaned up
 
 
@@ -155,7 +155,7 @@ def test_minhash_estimates_jaccard(corpus) -> None:
 
 def test_empty_input_and_reused_output(tmp_path: Path) -> None:
     metrics = run_dedup(iter([]), tmp_path / "out", DedupConfig(workers=1))
-    assert metrics["docs_in"] == 0 and metrics["docs_out"] == 0 and metrics["shards"] == 0
+    assert metrics["documents_in"] == 0 and metrics["documents_out"] == 0 and metrics["shards"] == 0
     assert _read_removed(tmp_path / "out") == {}
     docs = [Document(text=f"document number {i} with enough words", id=str(i)) for i in range(3)]
     run_dedup(iter(docs), tmp_path / "full", DedupConfig(workers=1))

@@ -52,7 +52,7 @@ def test_counts_per_step_and_reason_and_writes_excluded(tmp_path: Path) -> None:
     )
     out = tmp_path / "run"
     m = run_filters(iter(docs), out, cfg, base_dir=tmp_path)
-    assert (m["documents_in"], m["documents_kept"], m["documents_excluded"]) == (8, 5, 3)
+    assert (m["documents_in"], m["documents_out"], m["documents_excluded"]) == (8, 5, 3)
     steps = {s["name"]: s for s in m["steps"]}
     assert steps["length"] | {"seconds": 0} == {
         "name": "length",
@@ -102,7 +102,7 @@ def test_pii_formatter_masks_emails_and_public_ips(tmp_path: Path) -> None:
     text = f"{PROSE} Write to jane.doe@corp-mail.com or ask the server at 8.8.4.4; the router is 192.168.1.1."
     docs = [Document(text=text, id="pii"), _prose(1)]
     m = run_filters(iter(docs), tmp_path / "run", FilterConfig(steps=[{"type": "pii"}]), base_dir=tmp_path)
-    assert m["steps"][0]["modified"] == 1 and m["documents_kept"] == 2
+    assert m["steps"][0]["modified"] == 1 and m["documents_out"] == 2
     masked = next(iter_corpus(tmp_path / "run")).text
     assert "jane.doe@corp-mail.com" not in masked and "email@example.com" in masked
     assert "8.8.4.4" not in masked and "192.168.1.1" in masked  # private IPs are not PII

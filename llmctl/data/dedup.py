@@ -380,8 +380,8 @@ def _run_datasketch(
     near_removed = ~keep & ~exact_removed
     _write_removed(out_dir, ids, exact_removed, near_removed, cluster_of)
     return {
-        "docs_in": n,
-        "docs_out": int(keep.sum()),
+        "documents_in": n,
+        "documents_out": int(keep.sum()),
         "bytes_in": int(tb.sum()),
         "bytes_out": int(tb[keep].sum()),
         "exact_duplicates": int(exact_removed.sum()),
@@ -655,8 +655,8 @@ def _run_datatrove(
     _write_removed(out_dir, ids, exact_removed, near_removed, cluster_of)
     shutil.rmtree(work, ignore_errors=True)
     return {
-        "docs_in": n,
-        "docs_out": int(keep.sum()),
+        "documents_in": n,
+        "documents_out": int(keep.sum()),
         "bytes_in": int(tb.sum()),
         "bytes_out": int(tb[keep].sum()),
         "exact_duplicates": int(exact_removed.sum()),
@@ -704,10 +704,10 @@ def run_dedup(
         "threshold": round(cfg.threshold, 4),
         "workers": cfg.local_workers,
         "elapsed_seconds": round(elapsed, 3),
-        "docs_per_second": round(metrics["docs_in"] / elapsed, 1) if elapsed > 0 else 0.0,
+        "documents_per_second": round(metrics["documents_in"] / elapsed, 1) if elapsed > 0 else 0.0,
     }
     reporter.log(
-        f"dedup: kept {metrics['docs_out']:,} of {metrics['docs_in']:,} documents "
+        f"dedup: kept {metrics['documents_out']:,} of {metrics['documents_in']:,} documents "
         f"({metrics['exact_duplicates']:,} exact, {metrics['near_duplicates']:,} near duplicates) "
         f"in {elapsed:.1f}s"
     )

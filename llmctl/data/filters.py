@@ -493,7 +493,7 @@ def run_filters(
     ]
     metrics = {
         "documents_in": n_in,
-        "documents_kept": kept.documents,
+        "documents_out": kept.documents,
         "documents_excluded": n_in - kept.documents,
         "kept_fraction": round(kept.documents / n_in, 4),
         "text_bytes_kept": kept.text_bytes,

@@ -54,11 +54,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
     tokenizer.save(ctx.output_dir / TOKENIZER_DIR)
     seed = cfg.seed if cfg.seed is not None else ctx.project.seed
-    docs_in = (
-        corpus.manifest.metrics.get("documents_out", corpus.manifest.metrics.get("docs_out"))
-        if corpus
-        else None
-    )
+    docs_in = corpus.manifest.metrics.get("documents_out") if corpus is not None else None
     result = encode_corpus(
         ((doc.id, doc.text) for doc in documents()),
         tokenizer,
