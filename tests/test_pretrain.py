@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError
 
 from llmctl.config.base import Section
 from llmctl.config.pretrain import PretrainConfig
-from llmctl.errors import ConfigError, InputError, StageFailed
+from llmctl.errors import ConfigError, InputError, Interrupted, StageFailed
 from llmctl.reporting import ProgressTask, Reporter
 from llmctl.stages.registry import STAGES, InputSlot, Stage
 
@@ -497,3 +497,46 @@ def test_param_groups_skip_norms_biases_embeddings():
     assert "model.layers.0.self_attn.q_proj.bias" in plain_names and plain["weight_decay"] == 0.0
     only_norms = param_groups(model, weight_decay=0.1, no_decay=["norms"])
     assert len(only_norms[1]["params"]) == 3  # two block norms + the final norm
+
+
+def test_bf16_autocast_activation_checkpointing_and_wsd(tmp_path, fixed_tokens_dir):
+    cfg = small_config(
+        max_steps=4,
+        dtype="bf16",
+        activation_checkpointing=True,
+        optimizer=dict(schedule="wsd", warmup_steps=1),
+    )
+    result = train_direct(cfg, fixed_tokens_dir, tmp_path / "run")
+    curve = [loss for _, loss in losses(tmp_path / "run" / "metrics.jsonl")]
+    assert len(curve) == 4 and all(np.isfinite(curve)) and result.metrics["dtype"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in result.model_state.values())  # weights stay fp32
+
+
+class _InterruptAt(Reporter):
+    """Raises the CLI's Interrupted (what SIGINT/SIGTERM become) when the bar reaches `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def progress(self, description, total=None, unit="it"):
+        at = self.step
+
+        class Task(ProgressTask):
+            def update(self, completed=None, total=None, **fields):
+                if completed == at:
+                    raise Interrupted("interrupted")
+
+        return Task()
+
+
+def test_interrupt_saves_checkpoint_and_resume_is_exact(tmp_path, fixed_tokens_dir):
+    cfg = small_config(max_steps=8, checkpoint_every=0)
+    ref_project, ref_dir = project_with(tmp_path, fixed_tokens_dir, cfg, name="reference")
+    reference = run_pretrain(ref_project, ref_dir).artifact
+
+    project, project_dir = project_with(tmp_path, fixed_tokens_dir, cfg, name="interrupted")
+    with pytest.raises(Interrupted):
+        run_pretrain(project, project_dir, reporter=_InterruptAt(5))
+    assert [p.name for p in project_dir.rglob("checkpoints/step_*")] == ["step_000005"]
+    resumed = run_pretrain(project, project_dir, resume=True).artifact
+    assert losses(resumed.path / "metrics.jsonl") == losses(reference.path / "metrics.jsonl")

@@ -431,12 +431,12 @@ def train(
     loss_value = float("nan")
     tok_s = 0.0
     first_step = step
+    updating = False
     model.train()
     try:
         with reporter.progress("pretrain", total=max_steps, unit="steps") as bar:
             bar.update(completed=step)
             while step < max_steps:
-                loader_state = loader.state_dict()  # the step boundary a checkpoint resumes from
                 step_lr = lr_at(
                     step,
                     max_steps,
@@ -457,6 +457,7 @@ def train(
                         loss = model(x, y)
                     (loss / accum).backward()
                     loss_sum += loss.detach()
+                next_loader_state = loader.state_dict()  # where the next step starts
                 loss_t = D.all_reduce(loss_sum / accum, op="mean")
                 norm = torch.nn.utils.clip_grad_norm_(
                     params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -470,10 +471,11 @@ def train(
                     and len(recent) >= SPIKE_MIN_HISTORY
                     and loss_value > cfg.spike_factor * (sum(recent) / len(recent))
                 )
-                # The step counter moves right after the update so an interrupt saves a consistent state.
+                # Step, tokens and data position move in one assignment right after the update, so an
+                # interrupt (raised between bytecodes by the CLI's signal handler) saves a consistent state.
                 if not math.isfinite(loss_value) or not math.isfinite(norm_value) or spike:
                     optimizer.zero_grad(set_to_none=True)
-                    step, tokens = step + 1, tokens + cfg.batch_tokens
+                    step, tokens, loader_state = step + 1, tokens + cfg.batch_tokens, next_loader_state
                     bad_steps += 1
                     reporter.warn(
                         f"pretrain: step {step} skipped: loss {loss_value:.4g}, grad norm {norm_value:.4g} "
@@ -487,8 +489,10 @@ def train(
                             "model's weights; `--resume` restarts from the last good checkpoint",
                         )
                 else:
+                    updating = True  # an interrupt inside optimizer.step() leaves weights half-updated
                     optimizer.step()
-                    step, tokens = step + 1, tokens + cfg.batch_tokens
+                    step, tokens, loader_state = step + 1, tokens + cfg.batch_tokens, next_loader_state
+                    updating = False
                     optimizer.zero_grad(set_to_none=True)
                     bad_steps = 0
                     recent.append(loss_value)
@@ -533,7 +537,6 @@ def train(
                             f"pretrain: step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
                         )
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
-                    loader_state = loader.state_dict()
                     checkpoint()
                 fields = {"loss": round(loss_value, 4), "lr": f"{step_lr:.2e}", "tok_s": round(tok_s)}
                 if step_mfu is not None:
@@ -542,7 +545,11 @@ def train(
     except (KeyboardInterrupt, Interrupted):
         # Save where the last full step ended; FSDP gathering is collective and other ranks may be
         # stuck elsewhere, so sharded runs rely on their periodic checkpoints.
-        if cfg.strategy != "fsdp" or not info.distributed:
+        if updating:
+            reporter.warn(
+                "pretrain: interrupted during a weight update; --resume continues from the last checkpoint"
+            )
+        elif cfg.strategy != "fsdp" or not info.distributed:
             optimizer.zero_grad(set_to_none=True)
             checkpoint()
             reporter.log(f"pretrain: interrupted; checkpoint saved at step {step}")
