@@ -358,10 +358,12 @@ def _dist_child(rank: int, world: int, port: int, project_dir: str, cfg_json: st
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, tokens_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, tokens_dir, strategy):
     import torch.multiprocessing as mp
 
-    cfg = small_config(max_steps=8, eval_every=4)  # 256 tokens = 4 x 32 x (2 procs x 1 | 1 proc x 2)
+    # 256 tokens = 4 x 32 x (2 procs x 1 | 1 proc x 2)
+    cfg = small_config(max_steps=8, eval_every=4, checkpoint_every=4, strategy=strategy)
     one_project, one_dir = project_with(tmp_path, tokens_dir, cfg, name="one")
     single = run_pretrain(one_project, one_dir).artifact
     assert single.manifest.metrics["grad_accum"] == 2
@@ -377,6 +379,17 @@ def test_two_processes_match_one(tmp_path, tokens_dir):
     assert [s for s, _ in one] == [s for s, _ in two]
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], atol=1e-5, rtol=0)
     assert abs(m["val_loss"] - single.manifest.metrics["val_loss"]) < 1e-5
+    # The checkpoint gathered from 2 processes (sharded under FSDP) is the full single-process state.
+    from llmctl.train.checkpoint import load_checkpoint
+
+    [ckpt_two] = two_dir.rglob("checkpoints/step_000004")
+    [ckpt_one] = one_dir.rglob("checkpoints/step_000004")
+    (w2, o2, s2), (w1, o1, s1) = load_checkpoint(ckpt_two), load_checkpoint(ckpt_one)
+    assert s2["world_size"] == 2 and s2["loader"]["position"] == s1["loader"]["position"] == 4 * 8
+    assert w2.keys() == w1.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4)
+    assert o2["state"].keys() == o1["state"].keys()
 
 
 def test_relaunch_command_maps_flags_to_torchrun():
