@@ -5,8 +5,8 @@
         preset: tiny                # or `depth: 8` (derives width, heads, MLP; see from_depth)
       seq_len: 256
       micro_batch_size: 8
-      batch_tokens: 4096            # global batch; grad accumulation is derived from it
-      max_steps: 300                # or max_tokens, or tokens_per_param (exactly one)
+      batch_tokens: 2048            # global batch; grad accumulation is derived from it
+      max_steps: 200                # or max_tokens, or tokens_per_param (exactly one)
       optimizer:
         lr: null                    # null: llmctl.model.config.suggested_lr of the model
         schedule: cosine            # or wsd
@@ -25,8 +25,8 @@ from pydantic import Field, model_validator
 
 from llmctl.config.base import Section
 
-# The `tiny` CPU template: a few minutes on 2 cores (300 steps x 4096 tokens).
-DEFAULT_MAX_STEPS = 300
+# The `tiny` CPU template: ~3-4 minutes on 2 cores (200 steps x 2048 tokens at ~2k tokens/s).
+DEFAULT_MAX_STEPS = 200
 NO_DECAY_CHOICES = ("norms", "biases", "embeddings")
 
 
@@ -115,7 +115,7 @@ class PretrainConfig(Section):
     seq_len: int = Field(256, ge=1, description="Training sequence length in tokens (<= model max_seq_len).")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass on each device.")
     batch_tokens: int = Field(
-        4096,
+        2048,
         ge=1,
         description="Global batch in tokens per optimizer step; must equal micro_batch_size * seq_len * "
         "world_size * grad_accum for an integer grad_accum.",
