@@ -553,3 +553,15 @@ def test_interrupt_saves_checkpoint_and_resume_is_exact(tmp_path, fixed_tokens_d
     assert [p.name for p in project_dir.rglob("checkpoints/step_*")] == ["step_000005"]
     resumed = run_pretrain(project, project_dir, resume=True).artifact
     assert losses(resumed.path / "metrics.jsonl") == losses(reference.path / "metrics.jsonl")
+
+
+def test_tensorboard_enabled_but_missing_is_a_config_error(tmp_path, fixed_tokens_dir):
+    pytest.importorskip("torch")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="pretrain.tensorboard is true but tensorboard is not installed"):
+        train_direct(small_config(tensorboard=True), fixed_tokens_dir, tmp_path / "run")
