@@ -556,7 +556,6 @@ def test_interrupt_saves_checkpoint_and_resume_is_exact(tmp_path, fixed_tokens_d
 
 
 def test_tensorboard_enabled_but_missing_is_a_config_error(tmp_path, fixed_tokens_dir):
-    pytest.importorskip("torch")
     try:
         import torch.utils.tensorboard  # noqa: F401
 
