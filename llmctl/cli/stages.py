@@ -134,7 +134,71 @@ def tokenize(
     run_stage_command(ctx, "tokenize", sets=sets, force=force, json_=json_, refs={"corpus": input_})
 
 
+def pretrain(
+    ctx: typer.Context,
+    input_: InputOption = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="Model artifact to continue from (default: pretrain.init).")
+    ] = None,
+    gpus: Annotated[
+        int, typer.Option("--gpus", help="Processes on this node (relaunches under torchrun).")
+    ] = 1,
+    nodes: Annotated[
+        int, typer.Option("--nodes", help="Nodes in a multi-node run (torchrun rendezvous).")
+    ] = 1,
+    node_rank: Annotated[
+        int | None, typer.Option("--node-rank", help="This node's rank (multi-node).")
+    ] = None,
+    master_addr: Annotated[
+        str | None, typer.Option("--master-addr", help="Rank-0 node address (multi-node).")
+    ] = None,
+    master_port: Annotated[int, typer.Option("--master-port", help="Rendezvous port (multi-node).")] = 29500,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")] = False,
+    force: ForceOption = False,
+    sets: SetOption = None,
+    json_: JsonOption = False,
+) -> None:
+    """Pretrain a model on the newest token shards; checkpoints, resume, DDP/FSDP through torchrun.
+
+    [bold]Examples[/]
+      llmctl pretrain
+      llmctl pretrain --gpus 8 --set pretrain.model.preset=gpt2-small
+      llmctl pretrain --resume
+      llmctl pretrain --nodes 2 --node-rank 0 --master-addr node001 --gpus 8
+    """
+    import sys
+
+    from llmctl.stages.runner import plan_stage
+    from llmctl.train.distributed import env_rank, in_torchrun, maybe_relaunch
+
+    refs = {k: v for k, v in {"data": input_, "init": init}.items() if v}
+    if not in_torchrun() and gpus * nodes > 1:
+        # Resolve inputs once, here: a bad reference must fail before N processes start, and an
+        # up-to-date artifact must be reused here (rank 0 would skip training; the others would wait).
+        config, folder = state_of(ctx).load_project(sets)
+        plan = plan_stage("pretrain", config, folder, refs=refs)
+        if force or resume or plan.up_to_date() is None:
+            launch = {
+                "gpus": gpus,
+                "nodes": nodes,
+                "node_rank": node_rank,
+                "master_addr": master_addr,
+                "master_port": master_port,
+            }
+            code = maybe_relaunch(sys.argv, launch)
+            if code is not None:
+                raise typer.Exit(code)
+    if env_rank() != 0:
+        from llmctl.stages.pretrain import run_worker
+
+        config, _ = state_of(ctx).load_project(sets)
+        run_worker(config.pretrain)
+        return
+    run_stage_command(ctx, "pretrain", sets=sets, force=force, json_=json_, refs=refs, resume=resume)
+
+
 def register(app: typer.Typer) -> None:
     app.command("dedup")(dedup)
     app.command("filter")(filter_)
     app.command("tokenize")(tokenize)
+    app.command("pretrain")(pretrain)

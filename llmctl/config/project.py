@@ -13,6 +13,7 @@ from llmctl.config.data import DataConfig
 from llmctl.config.dedup import DedupConfig
 from llmctl.config.eval import EvalConfig
 from llmctl.config.filter import FilterConfig
+from llmctl.config.pretrain import PretrainConfig
 from llmctl.config.tokenize import TokenizeConfig
 
 
@@ -32,5 +33,8 @@ class ProjectConfig(Section):
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Quality filters, in order.")
     tokenize: TokenizeConfig = Field(
         default_factory=TokenizeConfig, description="BPE tokenizer training (or adoption) and token shards."
+    )
+    pretrain: PretrainConfig = Field(
+        default_factory=PretrainConfig, description="Pretraining: model shape, batch, horizon, optimizer."
     )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmarks and perplexity of a model.")

@@ -41,6 +41,19 @@ register(
 )
 register(
     Stage(
+        name="pretrain",
+        description="Train a transformer on token shards; publish an HF-compatible model folder.",
+        output_kind=MODEL,
+        sections=("pretrain",),
+        inputs=(
+            InputSlot("data", (TOKENS,), ("tokenize",)),
+            InputSlot("init", (MODEL,), (), required=False, config_key="init"),
+        ),
+        keeps_run_dir=True,
+    )
+)
+register(
+    Stage(
         name="eval",
         description="Score a model on benchmarks, custom tasks and perplexity.",
         output_kind=EVAL,

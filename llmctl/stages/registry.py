@@ -33,6 +33,7 @@ class InputSlot:
     default_stages: tuple[str, ...] = ()
     required: bool = True
     sources_fallback: bool = False
+    config_key: str | None = None  # a field of the stage's section that may hold the reference
 
 
 @dataclass(frozen=True)

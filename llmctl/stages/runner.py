@@ -54,15 +54,18 @@ def get_stage(name: str) -> Stage:
 
 
 def resolve_inputs(
-    stage: Stage, workspace: Workspace, refs: dict[str, str]
+    stage: Stage, workspace: Workspace, refs: dict[str, str], section: Any = None
 ) -> tuple[dict[str, Artifact | None], list[tuple[str, str]]]:
-    """Explicit refs win; otherwise the newest artifact of the first default stage that has one."""
+    """Explicit refs win, then a reference in the stage's config section (slot.config_key), then the
+    newest artifact of the first default stage that has one."""
     unknown = set(refs) - {slot.name for slot in stage.inputs}
     assert not unknown, f"{stage.name} has no input slot(s) {sorted(unknown)}"
     resolved: dict[str, Artifact | None] = {}
     used_refs: list[tuple[str, str]] = []
     for slot in stage.inputs:
         ref = refs.get(slot.name)
+        if ref is None and slot.config_key and section is not None:
+            ref = getattr(section, slot.config_key, None)
         if ref is None:
             ref = next((f"{s}:latest" for s in slot.default_stages if workspace.artifacts(s)), None)
         if ref is None:
@@ -129,6 +132,62 @@ def _file_records(folder: Path) -> list[FileRecord]:
     return records
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage with its inputs resolved and its identity (config hash, input key) computed."""
+
+    stage: Stage
+    workspace: Workspace
+    inputs: dict[str, Artifact | None]
+    input_records: list[InputRecord]
+    sources: list[dict[str, Any]]
+    config: dict[str, Any]
+    config_hash: str
+    input_key: str
+
+    def up_to_date(self) -> Artifact | None:
+        return self.workspace.find_up_to_date(self.stage.name, self.config_hash, self.input_key)
+
+
+def plan_stage(
+    name: str,
+    project: Any,
+    project_dir: Path,
+    *,
+    refs: dict[str, str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> StagePlan:
+    """Resolve a stage's inputs and fingerprint its config and inputs; runs nothing.
+
+    Launchers call it before starting worker processes, so bad references fail once, up front."""
+    stage = get_stage(name)
+    workspace = workspace_for(project, project_dir)
+    section = getattr(project, stage.sections[0], None) if stage.sections else None
+    inputs, used_refs = resolve_inputs(stage, workspace, refs or {}, section)
+    uses_sources = _uses_sources(stage, inputs)
+    sources: list[dict[str, Any]] = []
+    if uses_sources:
+        from llmctl.data.sources import source_fingerprint
+
+        sources = source_fingerprint(project.data, project_dir)
+    config = config_snapshot(stage, project, uses_sources, options)
+    input_records = [
+        InputRecord(slot=slot, ref=ref, id=art.id, kind=art.kind, manifest_sha256=art.manifest_sha256())
+        for slot, ref in used_refs
+        if (art := inputs[slot]) is not None
+    ]
+    return StagePlan(
+        stage=stage,
+        workspace=workspace,
+        inputs=inputs,
+        input_records=input_records,
+        sources=sources,
+        config=config,
+        config_hash=stable_hash(config),
+        input_key=inputs_key(input_records, sources),
+    )
+
+
 def run_stage(
     name: str,
     project: Any,
@@ -141,27 +200,14 @@ def run_stage(
     options: dict[str, Any] | None = None,
 ) -> StageOutcome:
     """Run stage `name` (or reuse its up-to-date artifact) and return the artifact."""
-    stage = get_stage(name)
     reporter = reporter or Reporter()
-    workspace = workspace_for(project, project_dir)
-    inputs, used_refs = resolve_inputs(stage, workspace, refs or {})
-    uses_sources = _uses_sources(stage, inputs)
-    sources: list[dict[str, Any]] = []
-    if uses_sources:
-        from llmctl.data.sources import source_fingerprint
-
-        sources = source_fingerprint(project.data, project_dir)
-    config = config_snapshot(stage, project, uses_sources, options)
-    config_hash = stable_hash(config)
-    input_records = [
-        InputRecord(slot=slot, ref=ref, id=art.id, kind=art.kind, manifest_sha256=art.manifest_sha256())
-        for slot, ref in used_refs
-        if (art := inputs[slot]) is not None
-    ]
-    input_key = inputs_key(input_records, sources)
+    plan = plan_stage(name, project, project_dir, refs=refs, options=options)
+    stage, workspace, inputs = plan.stage, plan.workspace, plan.inputs
+    config, config_hash, input_key = plan.config, plan.config_hash, plan.input_key
+    input_records, sources = plan.input_records, plan.sources
 
     if not force and not resume:
-        existing = workspace.find_up_to_date(stage.name, config_hash, input_key)
+        existing = plan.up_to_date()
         if existing is not None:
             reporter.log(f"{stage.name}: up to date ({existing.id}); use --force to run again")
             return StageOutcome(existing, reused=True, seconds=0.0)
