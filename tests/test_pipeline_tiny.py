@@ -1,0 +1,34 @@
+"""The README's main command on the tiny template: init, then `llmctl run` through every stage."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_cli
+
+
+@pytest.mark.slow
+def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
+    assert run_cli("init", "demo", cwd=tmp_path).code == 0
+    project = tmp_path / "demo"
+    # A shorter horizon than the template's 200 steps keeps CI fast; the facts are learnt by then.
+    short = ["--set", "pretrain.max_steps=120", "--set", "pretrain.eval_every=60"]
+    result = run_cli("run", "--json", *short, cwd=project, timeout=900)
+    assert result.code == 0, result.stderr[-3000:]
+    stages = {row["stage"]: row for row in result.json()["stages"]}
+    assert list(stages) == ["dedup", "filter", "tokenize", "pretrain", "eval"]
+    assert all(row["artifact"].endswith(":v0001") and not row["reused"] for row in stages.values())
+
+    dedup = stages["dedup"]["metrics"]
+    assert dedup["exact_duplicates"] > 0 and dedup["near_duplicates"] > 0
+    assert stages["filter"]["metrics"]["documents_excluded"] > 0
+    assert stages["tokenize"]["metrics"]["encoder"] == "tiktoken"
+    pretrain = stages["pretrain"]["metrics"]
+    assert pretrain["steps"] == 120 and pretrain["val_loss"] < 3.0
+    scores = stages["eval"]["metrics"]
+    assert scores["world_mc/acc"] > 0.35, scores  # chance is 0.25 with 4 choices
+
+    again = run_cli("run", "--json", *short, cwd=project, timeout=300)
+    assert again.code == 0 and all(row["reused"] for row in again.json()["stages"])
+    lineage = run_cli("artifacts", "lineage", "eval:latest", "--json", cwd=project).json()
+    assert lineage["inputs"][0]["id"] == "pretrain:v0001"
+    assert lineage["inputs"][0]["inputs"][0]["inputs"][0]["id"] == "filter:v0001"
