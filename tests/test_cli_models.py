@@ -80,3 +80,21 @@ def test_model_reference_errors(tmp_path):
     assert bad_import.code == 2
     bad_min = run_cli("eval", "world_mc", "--min", "world_mc", cwd=project)
     assert bad_min.code == 2 and "bad --min" in bad_min.stderr
+
+
+def test_chat_uses_the_chat_template_and_quits_on_empty_line(hf_folder):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmctl", "chat", "--ckpt", str(hf_folder), "-t", "0", "-n", "5"],
+        input="hello there\n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cli_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("you> ") == 2 and proc.stdout.count("model> ") == 1
