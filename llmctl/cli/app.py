@@ -102,7 +102,8 @@ def main() -> None:
             import traceback
 
             traceback.print_exc()
-        Output(json_mode=json_mode).error(exc)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for every rank
+            Output(json_mode=json_mode).error(exc)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug, not a user error: say so, and how to get the traceback
         from llmctl.cli.output import Output

@@ -175,8 +175,11 @@ def pretrain(
     if not in_torchrun() and gpus * nodes > 1:
         # Resolve inputs once, here: a bad reference must fail before N processes start, and an
         # up-to-date artifact must be reused here (rank 0 would skip training; the others would wait).
+        from llmctl.stages.pretrain import grad_accum_steps
+
         config, folder = state_of(ctx).load_project(sets)
         plan = plan_stage("pretrain", config, folder, refs=refs)
+        grad_accum_steps(config.pretrain, gpus * nodes)  # a batch that cannot split fails here, once
         if force or resume or plan.up_to_date() is None:
             launch = {
                 "gpus": gpus,

@@ -36,9 +36,27 @@ GPU_PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
     ("V100", 125e12, 15.7e12),  # fp16 tensor cores; no bf16
     ("T4", 65e12, 8.1e12),
 )
-# A rough CPU figure: AVX2/AVX-512 FMA at ~3 GHz gives ~50-100 GFLOP/s fp32 per core in practice
-# for PyTorch matmuls. CPU MFU is only for comparing runs on the same machine, not across machines.
-CPU_FLOPS_PER_CORE = 50e9
+# CPUs: a nominal fp32 peak from the vector ISA, FLOPs/cycle/core = FMA units x lanes x 2 (AVX-512:
+# 2 x 16 x 2 = 64; AVX2: 2 x 8 x 2 = 32; else 16) at the reported clock (3 GHz when unknown). It is a
+# ceiling, not a promise (clocks throttle; some cores split 512-bit ops): compare CPU MFU between runs
+# on one machine, never across machines. A fixed 50 GFLOP/s/core was measured to give MFU > 100%.
+DEFAULT_CPU_HZ = 3.0e9
+
+
+def cpu_flops_per_core() -> float:
+    flags, hz = "", DEFAULT_CPU_HZ
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = line
+                elif line.startswith("cpu MHz"):
+                    hz = max(hz if hz != DEFAULT_CPU_HZ else 0.0, float(line.split(":")[1]) * 1e6)
+    except (OSError, ValueError):
+        pass
+    words = set(flags.split())
+    per_cycle = 64 if "avx512f" in words else 32 if {"avx2", "fma"} <= words else 16
+    return per_cycle * (hz or DEFAULT_CPU_HZ)
 
 
 def peak_flops(device: str, dtype: str, threads: int | None = None) -> tuple[float | None, str]:
@@ -52,7 +70,7 @@ def peak_flops(device: str, dtype: str, threads: int | None = None) -> tuple[flo
                 return (bf16 if dtype == "bf16" else fp32), name
         return None, name
     cores = threads or os.cpu_count() or 1
-    return cores * CPU_FLOPS_PER_CORE, f"cpu x{cores} (rough estimate)"
+    return cores * cpu_flops_per_core(), f"cpu x{cores} (nominal ISA peak)"
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
