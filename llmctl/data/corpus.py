@@ -58,11 +58,16 @@ def _default(obj: object) -> object:
 
 def document_to_json(doc: Document) -> bytes:
     """One JSONL line for `doc`, as datatrove's JsonlWriter writes it (falsy fields left out)."""
-    record: dict[str, object] = {"text": doc.text}
-    if doc.id:
-        record["id"] = doc.id
-    if doc.metadata:
-        record["metadata"] = doc.metadata
+    return record_to_json(doc.text, doc.id, doc.metadata)
+
+
+def record_to_json(text: str, doc_id: str | None, metadata: dict | None) -> bytes:
+    """`document_to_json` without building a Document (for writers that hold plain tuples)."""
+    record: dict[str, object] = {"text": text}
+    if doc_id:
+        record["id"] = doc_id
+    if metadata:
+        record["metadata"] = metadata
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE, default=_default)
 
 

@@ -67,7 +67,7 @@ from datatrove.utils.hashing import HashConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from llmctl.config.dedup import DedupConfig
-from llmctl.data.corpus import DOCUMENTS_DIR, SHARD_SUFFIX, shard_name
+from llmctl.data.corpus import DOCUMENTS_DIR, SHARD_SUFFIX, record_to_json, shard_name
 from llmctl.data.minhash import MinHasher
 from llmctl.errors import InputError
 from llmctl.reporting import Reporter
@@ -82,24 +82,6 @@ def exact_key(text: str) -> bytes:
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
     return xxhash.xxh3_128_digest(" ".join(text.split()))
-
-
-def _json_line(text: str, doc_id: str, metadata: dict) -> bytes:
-    # Same bytes as llmctl.data.corpus.document_to_json / datatrove's JsonlWriter (falsy fields left out).
-    record: dict[str, object] = {"text": text}
-    if doc_id:
-        record["id"] = doc_id
-    if metadata:
-        record["metadata"] = metadata
-    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE, default=_json_default)
-
-
-def _json_default(obj: object) -> object:
-    if hasattr(obj, "item"):
-        return obj.item()  # type: ignore[union-attr]
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()  # type: ignore[union-attr]
-    raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON serializable")
 
 
 def _write_gzip(path: Path, chunks: Iterable[bytes]) -> int:
@@ -161,7 +143,7 @@ def _init_worker(n_grams: int, bands: int, rows: int, seed: int) -> None:
 
 def _signature_chunk(args: tuple[Path, list[tuple[str, str, dict]], bool, bool]) -> _ChunkResult:
     path, chunk, exact, near = args
-    lines = [_json_line(text, doc_id, meta) for text, doc_id, meta in chunk]
+    lines = [record_to_json(text, doc_id, meta) for text, doc_id, meta in chunk]
     with open(path, "wb") as f:
         f.writelines(lines)
     texts = [c[0] for c in chunk]
@@ -380,15 +362,30 @@ def _run_datasketch(
     near_removed = ~keep & ~exact_removed
     _write_removed(out_dir, ids, exact_removed, near_removed, cluster_of)
     return {
-        "documents_in": n,
+        **_outcome_metrics(tb, keep, exact_removed, near_removed, cluster_of, len(tasks), compressed),
+        "no_shingle_docs": no_shingles,
+    }
+
+
+def _outcome_metrics(
+    text_bytes: np.ndarray,
+    keep: np.ndarray,
+    exact_removed: np.ndarray,
+    near_removed: np.ndarray,
+    cluster_of: np.ndarray,
+    shards: int,
+    compressed_bytes: int,
+) -> dict:
+    """The metrics both engines report, from per-document arrays in input order."""
+    return {
+        "documents_in": len(keep),
         "documents_out": int(keep.sum()),
-        "bytes_in": int(tb.sum()),
-        "bytes_out": int(tb[keep].sum()),
+        "bytes_in": int(text_bytes.sum()),
+        "bytes_out": int(text_bytes[keep].sum()),
         "exact_duplicates": int(exact_removed.sum()),
         "near_duplicates": int(near_removed.sum()),
-        "no_shingle_docs": no_shingles,
-        "shards": len(tasks),
-        "compressed_bytes_out": compressed,
+        "shards": shards,
+        "compressed_bytes_out": compressed_bytes,
         **_cluster_metrics(cluster_of),
     }
 
@@ -524,7 +521,11 @@ def build_datatrove_executors(
         depends = executors[-1] if executors else None
         if cfg.executor == "local":
             ex = LocalPipelineExecutor(
-                pipeline, tasks=n_tasks, workers=min(cfg.local_workers, n_tasks), logging_dir=logs, depends=depends
+                pipeline,
+                tasks=n_tasks,
+                workers=min(cfg.local_workers, n_tasks),
+                logging_dir=logs,
+                depends=depends,
             )
         elif cfg.executor == "slurm":
             from datatrove.executor import SlurmPipelineExecutor
@@ -605,7 +606,7 @@ def _run_datatrove(
                 if first != i:
                     exact_dup_of[i] = first
                     continue
-            block.append(_json_line(doc.text, doc.id, doc.metadata))
+            block.append(record_to_json(doc.text, doc.id, doc.metadata))
             if len(block) == cfg.shard_size:
                 flush()
             bar.advance(1)
@@ -654,17 +655,8 @@ def _run_datatrove(
     shards = sorted(docs_dir.glob(f"*{SHARD_SUFFIX}"))
     _write_removed(out_dir, ids, exact_removed, near_removed, cluster_of)
     shutil.rmtree(work, ignore_errors=True)
-    return {
-        "documents_in": n,
-        "documents_out": int(keep.sum()),
-        "bytes_in": int(tb.sum()),
-        "bytes_out": int(tb[keep].sum()),
-        "exact_duplicates": int(exact_removed.sum()),
-        "near_duplicates": int(near_removed.sum()),
-        "shards": len(shards),
-        "compressed_bytes_out": sum(p.stat().st_size for p in shards),
-        **_cluster_metrics(cluster_of),
-    }
+    compressed = sum(p.stat().st_size for p in shards)
+    return _outcome_metrics(tb, keep, exact_removed, near_removed, cluster_of, len(shards), compressed)
 
 
 # ---------------------------------------------------------------------------------------------------
