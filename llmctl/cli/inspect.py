@@ -16,6 +16,9 @@ def artifact_extras(artifact, *, samples: int = 0, encode: str | None = None) ->
         from llmctl.data.filters import sample_documents
 
         extras["samples"] = sample_documents(artifact.path, samples)
+        from llmctl.data.dedup import removed_samples
+
+        extras["samples"]["removed"] = removed_samples(artifact.path, samples)
     if encode is not None:
         if artifact.kind not in ("tokens", "model"):
             from llmctl.errors import UsageError
@@ -71,6 +74,11 @@ def render_artifact(console: Console, artifact, extras: dict[str, Any]) -> None:
                 Text(_short(doc["text"])),
             )
         console.print(table)
+        if sampled.get("removed"):
+            removed = Table("removed id", "duplicate of", "kind", title="duplicates removed")
+            for row in sampled["removed"]:
+                removed.add_row(Text(str(row["id"])), Text(str(row["duplicate_of"])), row.get("kind", ""))
+            console.print(removed)
     tokens = extras.get("tokens")
     if tokens:
         render_tokens(console, f"{len(tokens)} tokens", tokens)

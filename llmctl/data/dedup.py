@@ -37,6 +37,7 @@ Engines:
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import re
 import shutil
@@ -704,3 +705,12 @@ def run_dedup(
         f"in {elapsed:.1f}s"
     )
     return metrics
+
+
+def removed_samples(artifact_dir: Path, n: int) -> list[dict]:
+    """The first `n` rows of a dedup artifact's removed.jsonl.gz ({id, duplicate_of, kind}); [] elsewhere."""
+    path = Path(artifact_dir) / REMOVED_FILE
+    if not path.is_file():
+        return []
+    with gzip.open(path, "rb") as handle:
+        return [orjson.loads(line) for line in itertools.islice(handle, n)]
