@@ -86,6 +86,10 @@ def eval_(
         ),
     ] = None,
     ckpt: CkptOption = "latest",
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Tokens artifact for perplexity (default: the newest tokenize)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="At most N items per task.")] = None,
     shots: Annotated[int | None, typer.Option("--shots", help="Few-shot examples (mmlu, gsm8k).")] = None,
     batch_size: Annotated[
@@ -159,7 +163,7 @@ def eval_(
             "eval",
             config,
             folder,
-            refs={"model": ckpt},
+            refs={"model": ckpt, **({"data": data} if data else {})},
             force=force,
             reporter=out.reporter(),
             options=options,

@@ -143,6 +143,11 @@ def _canonical_hash(tokenizer_json: str) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def tokenizer_file_id(path: str | os.PathLike[str]) -> str:
+    """The tokenizer id (see Tokenizer.tokenizer_id) of any tokenizer.json, ours or adopted."""
+    return _canonical_hash(tokenizers.Tokenizer.from_file(str(path)).to_str())[:16]
+
+
 def _split_pattern_of(tokenizer_json: dict[str, Any]) -> str | None:
     """The pre-token regex of a byte-level BPE tokenizer.json, or None if it is not one we understand."""
     pre = tokenizer_json.get("pre_tokenizer")

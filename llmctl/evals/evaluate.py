@@ -167,14 +167,22 @@ def perplexity_on_tokens(
     model's context). Bits per byte counts only tokens that stand for text (special tokens like BOS
     have no bytes and are left out of both sums, as nanochat does)."""
     from llmctl.data.loader import val_batches
-    from llmctl.data.tokenizer import load_tokenizer
+    from llmctl.data.tokenizer import load_tokenizer, tokenizer_file_id
 
     tok = load_tokenizer(tokens_dir / "tokenizer")
+    model_tok = Path(lm.name) / "tokenizer.json"
+    if model_tok.is_file() and (model_id := tokenizer_file_id(model_tok)) != tok.tokenizer_id:
+        raise InputError(
+            f"the model's tokenizer ({model_id}) is not the tokens artifact's ({tok.tokenizer_id}): "
+            "perplexity needs text encoded by the model's own tokenizer",
+            hint="pass the tokens artifact the model was trained on (llmctl eval perplexity --data tokenize:vN), "
+            "or a text file (--data-dir notes.txt)",
+        )
     if tok.vocab_size > lm.model.config.vocab_size:
         raise InputError(
             f"the tokens artifact's vocabulary ({tok.vocab_size}) is larger than the model's "
             f"({lm.model.config.vocab_size}): they were not made together",
-            hint="evaluate perplexity with the tokens artifact the model was trained on (--data tokenize:<id>)",
+            hint="evaluate perplexity with the tokens artifact the model was trained on (--data tokenize:vN)",
         )
     nbytes = torch.tensor([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=torch.float64)
     for i in tok.special_tokens.values():
