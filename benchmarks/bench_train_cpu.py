@@ -7,7 +7,7 @@ Claim measured: a full fp32 training step (forward, backward, AdamW) of llmctl's
 model runs at >= 1.0x the tokens/s of nanoGPT's GPT-2-style `model.py` with the same n_layer,
 n_head, n_embd, sequence length, batch and vocabulary, on 2 threads.
 
-"Same shapes": ours uses SwiGLU with hidden 8/3 * n_embd (rounded up to 64), RMSNorm and rotary
+"Same shapes": ours uses SwiGLU with hidden 8/3 * n_embd (swiglu_hidden: rounded up to 32), RMSNorm and rotary
 positions; the reference a 4x GELU MLP, LayerNorm with bias and learned positions. The MLP FLOPs
 are the same to rounding; parameter counts of both are printed. Both use tied embeddings, causal
 SDPA and AdamW(fused=False). The two models are timed in alternating rounds in one process, and

@@ -22,7 +22,7 @@ from llmctl.model.config import (
     token_budget,
 )
 from llmctl.model.engine import Engine, SamplingParams
-from llmctl.model.transformer import IGNORE_INDEX, KVCache, Transformer
+from llmctl.model.transformer import IGNORE_INDEX, KVCache, RMSNormFunction, Transformer
 
 torch.set_num_threads(2)
 VOCAB = 320
@@ -117,6 +117,20 @@ def test_logits_match_transformers_llama(tmp_path: Path, tie: bool):
         theirs[:, :-1].reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100
     )
     assert loss.item() == pytest.approx(ref.item(), abs=1e-4)
+
+
+def test_rms_norm_function_matches_autograd_of_plain_norm():
+    """The CPU RMSNorm autograd Function: exact gradients (gradcheck, float64) equal to F.rms_norm's."""
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x, w))
+    grad = torch.randn(2, 3, 16, dtype=torch.float64)
+    ours = RMSNormFunction.apply(x, w, 1e-6)
+    plain = torch.nn.functional.rms_norm(x, [16], w, 1e-6)
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, (x, w), grad), torch.autograd.grad(plain, (x, w), grad)
+    )
 
 
 def test_left_padded_batch_matches_unpadded_rows():

@@ -185,8 +185,15 @@ class ModelConfig:
 # ---- presets and the depth dial ------------------------------------------------------------------
 
 
-def swiglu_hidden(n_embd: int, multiple_of: int = 64) -> int:
-    """SwiGLU width: 8/3 * n_embd (same FLOPs as a 4x GELU MLP, Shazeer 2020), rounded up for matmul speed."""
+def swiglu_hidden(n_embd: int, multiple_of: int | None = None) -> int:
+    """SwiGLU width: 8/3 * n_embd (same FLOPs as a 4x GELU MLP, Shazeer 2020), rounded up for matmul speed.
+
+    By default to a multiple of 32 below n_embd 1024 and of 64 from there: at small widths 64
+    overshoots the FLOP parity a lot (n_embd 128: 341 -> 384 is +12.5% MLP FLOPs, 352 is +3%, and
+    measured ~5% of a CPU training step), while at large widths 64 costs under 2.5%.
+    """
+    if multiple_of is None:
+        multiple_of = 32 if n_embd < 1024 else 64
     return multiple_of * math.ceil(8 * n_embd / 3 / multiple_of)
 
 
@@ -252,7 +259,7 @@ def from_depth(depth: int, vocab_size: int, *, max_seq_len: int = 2048, **overri
     - head_dim = 128 once n_embd >= 1024 (fewer, wider heads are faster on GPUs), else 64, so small
       models still get several heads; n_head = n_embd // head_dim.
     - n_kv_head = n_head (plain MHA: GQA saves KV memory at inference, which small models do not need).
-    - intermediate_size = swiglu_hidden(n_embd) = 8/3 * n_embd rounded up to 64.
+    - intermediate_size = swiglu_hidden(n_embd) = 8/3 * n_embd rounded up to 32 (64 from n_embd 1024).
     - tied embeddings below n_embd 1024 (they are a large share of a small model's parameters).
     See `suggested_lr` and `token_budget` for the training side of the dial.
     """
