@@ -22,7 +22,13 @@ from llmctl.model.config import (
     token_budget,
 )
 from llmctl.model.engine import Engine, SamplingParams
-from llmctl.model.transformer import IGNORE_INDEX, KVCache, RMSNormFunction, Transformer
+from llmctl.model.transformer import (
+    IGNORE_INDEX,
+    CrossEntropyFunction,
+    KVCache,
+    RMSNormFunction,
+    Transformer,
+)
 
 torch.set_num_threads(2)
 VOCAB = 320
@@ -131,6 +137,25 @@ def test_rms_norm_function_matches_autograd_of_plain_norm():
     torch.testing.assert_close(
         torch.autograd.grad(ours, (x, w), grad), torch.autograd.grad(plain, (x, w), grad)
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_function_matches_f_cross_entropy(reduction: str):
+    """The CPU cross-entropy Function (gradient computed in forward): gradcheck in float64, and the
+    loss and gradients of F.cross_entropy with ignored targets, for grads of 1 and of 2.5."""
+    logits = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+    targets[:3] = IGNORE_INDEX
+    ours = CrossEntropyFunction.apply(logits, targets, reduction)
+    assert torch.autograd.gradcheck(lambda x: CrossEntropyFunction.apply(x, targets, reduction), (logits,))
+    plain = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    torch.testing.assert_close(ours, plain)
+    for scale in (1.0, 2.5):
+        grad = torch.full_like(ours, scale)
+        torch.testing.assert_close(
+            torch.autograd.grad(ours, logits, grad, retain_graph=True),
+            torch.autograd.grad(plain, logits, grad, retain_graph=True),
+        )
 
 
 def test_left_padded_batch_matches_unpadded_rows():
