@@ -27,7 +27,10 @@ from llmctl.model.transformer import (
     CrossEntropyFunction,
     KVCache,
     RMSNormFunction,
+    RotaryFunction,
+    SwiGLUFunction,
     Transformer,
+    rope_tables,
 )
 
 torch.set_num_threads(2)
@@ -155,6 +158,26 @@ def test_cross_entropy_function_matches_f_cross_entropy(reduction: str):
         torch.testing.assert_close(
             torch.autograd.grad(ours, logits, grad, retain_graph=True),
             torch.autograd.grad(plain, logits, grad, retain_graph=True),
+        )
+
+
+def test_rotary_and_swiglu_functions_match_autograd_of_plain_formulas():
+    """The CPU rotary (inverse-rotation backward) and SwiGLU (recomputing silu) Functions: gradcheck
+    in float64, and the outputs and gradients of the plain formulas."""
+    cos, sin = (t.double()[None, :, None] for t in rope_tables(8, 5, 10000.0))  # (1, T, 1, hd)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    gate, up = (torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda x: RotaryFunction.apply(x, cos, sin), (x,))
+    assert torch.autograd.gradcheck(SwiGLUFunction.apply, (gate, up))
+    cases = [
+        (RotaryFunction.apply(x, cos, sin), torch.addcmul(x * cos, x.roll(4, dims=-1), sin), (x,)),
+        (SwiGLUFunction.apply(gate, up), torch.nn.functional.silu(gate) * up, (gate, up)),
+    ]
+    for ours, plain, inputs in cases:
+        torch.testing.assert_close(ours, plain)
+        grad = torch.randn_like(plain)
+        torch.testing.assert_close(
+            torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(plain, inputs, grad)
         )
 
 

@@ -58,8 +58,8 @@ class RMSNormFunction(torch.autograd.Function):
         g_xhat = grad * xhat
         g_weight = g_xhat.reshape(-1, xhat.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         # mean over the last dim of g * w * xhat, as one matrix-vector product: (..., C) @ (C,)
-        dot = (g_xhat @ weight).unsqueeze(-1).div_(xhat.shape[-1])
-        g_x = (grad * weight).addcmul_(xhat, dot, value=-1).mul_(rstd)
+        dot = (g_xhat @ weight).unsqueeze(-1)
+        g_x = (grad * weight).addcmul_(xhat, dot, value=-1 / xhat.shape[-1]).mul_(rstd)
         return g_x, g_weight, None
 
 
@@ -96,8 +96,37 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate the (x1, x2) halves of the last dim ("rotate-half" layout, as HF Llama):
     [x1 cos - x2 sin, x2 cos + x1 sin] = x * cos + roll(x) * sin, with roll(x) = [x2, x1] and the
     tables from rope_tables. x (B, T, H, hd); cos/sin broadcastable to (B, T, 1, hd).
-    (3 ops instead of 7 for chunk/mul/cat: measured 3-10x faster forward+backward on CPU.)"""
+    (3 ops instead of 7 for chunk/mul/cat: measured 3-10x faster forward+backward on CPU.)
+    On CPU, RotaryFunction: roll is a copy through cat there (~1/3 of the rotary's time)."""
+    if x.device.type == "cpu":
+        return RotaryFunction.apply(x, cos, sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x * cos + sign * roll(x) * sin without materialising roll(x): each half takes the other."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=sign)
+    out[..., h:].addcmul_(x[..., :h], sin[..., h:], value=sign)
+    return out
+
+
+class RotaryFunction(torch.autograd.Function):
+    """apply_rotary with its backward as the inverse rotation: the rotation is orthogonal, so
+    dx = rotate(grad, -theta) = grad * cos - roll(grad) * sin (roll(sin) = -sin with the folded
+    sign). Measured ~12% faster forward+backward than autograd through addcmul/roll on CPU
+    (fewer ops, no roll copies); any dtype/device works."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate_halves(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate_halves(grad, cos, sin, -1.0), None, None
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -224,6 +253,25 @@ class Attention(nn.Module):
 # ---- MLP and block -------------------------------------------------------------------------------
 
 
+class SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up, saving only gate and up and working in place: one (B, T, hidden) buffer in
+    forward and two in backward instead of two and three (recomputing silu(gate) in backward).
+    Fresh CPU buffers of this size page-fault; measured +1.5% on a CPU training step."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        g_up = F.silu(gate).mul_(grad)
+        g_gate = grad * up
+        torch.ops.aten.silu_backward.grad_input(g_gate, gate, grad_input=g_gate)  # in place
+        return g_gate, g_up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -234,7 +282,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, intermediate_size)
+        if x.device.type == "cpu" and gate.requires_grad and not torch.is_autocast_enabled("cpu"):
+            return self.down_proj(SwiGLUFunction.apply(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
