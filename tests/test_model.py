@@ -167,10 +167,15 @@ def test_rotary_and_swiglu_functions_match_autograd_of_plain_formulas():
     cos, sin = (t.double()[None, :, None] for t in rope_tables(8, 5, 10000.0))  # (1, T, 1, hd)
     x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
     gate, up = (torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    assert torch.autograd.gradcheck(lambda x: RotaryFunction.apply(x, cos, sin), (x,))
+    k = torch.randn(2, 5, 1, 8, dtype=torch.float64, requires_grad=True)  # GQA: fewer kv heads
+    assert torch.autograd.gradcheck(lambda x, k: RotaryFunction.apply(x, k, cos, sin), (x, k))
     assert torch.autograd.gradcheck(SwiGLUFunction.apply, (gate, up))
     cases = [
-        (RotaryFunction.apply(x, cos, sin), torch.addcmul(x * cos, x.roll(4, dims=-1), sin), (x,)),
+        (
+            torch.cat([t.flatten() for t in RotaryFunction.apply(x, k, cos, sin)]),
+            torch.cat([torch.addcmul(t * cos, t.roll(4, dims=-1), sin).flatten() for t in (x, k)]),
+            (x, k),
+        ),
         (SwiGLUFunction.apply(gate, up), torch.nn.functional.silu(gate) * up, (gate, up)),
     ]
     for ours, plain, inputs in cases:
