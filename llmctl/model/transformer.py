@@ -9,6 +9,9 @@ Features:
   `F.scaled_dot_product_attention` (the `is_causal` fast path when there is no mask or cache);
 - SwiGLU MLP (Shazeer 2020, https://arxiv.org/abs/2002.05202);
 - optional tied input/output embeddings;
+- on CPU, autograd Functions with hand-written backwards for RMSNorm, rotary, SwiGLU and the
+  cross-entropy (fewer ops and fewer fresh buffers than autograd's composites; plain formulas
+  elsewhere, checked against them by gradcheck in tests/test_model.py);
 - a preallocated KV cache, 2-D padding masks for ragged (left-padded) batches and position ids, so
   one model serves training, evaluation, RL rollouts and the generation engine;
 - parameter names identical to Hugging Face Llama (`model.layers.0.self_attn.q_proj.weight`, ...),
@@ -40,7 +43,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     On CPU autograd runs the norm as a composite of ~6 ops and differentiates each one (pow, mean,
     rsqrt, two muls, and their backward muls/sums/divs): measured 3x slower forward+backward than
-    this at (16, 256, 384), and ~15% of a small-model training step. Saves xhat = x * rstd (instead
+    this at (16, 256, 384), and ~10% of a small-model training step. Saves xhat = x * rstd (instead
     of x) and rstd; backward is gw = sum(g * xhat), gx = rstd * (g * w - xhat * mean(g * w * xhat)).
     Any dtype/device works; the model uses it for fp32/fp64 CPU (see RMSNorm).
     """
