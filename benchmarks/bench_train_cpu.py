@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_cpu.py                 # both configs from shared/ANCHORS.md
     python benchmarks/bench_train_cpu.py --config small --rounds 5
+    python benchmarks/bench_train_cpu.py --compile        # both models torch.compile'd
 
 Claim measured: a full fp32 training step (forward, backward, AdamW) of llmctl's Llama-style
 model runs at >= 1.0x the tokens/s of nanoGPT's GPT-2-style `model.py` with the same n_layer,
@@ -125,14 +126,14 @@ def time_steps(step, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench(name: str, rounds: int, steps: int) -> dict:
+def bench(name: str, rounds: int, steps: int, compile_models: bool = False) -> dict:
     n_layer, n_head, n_embd, T, B, vocab = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (B, T))
     y = torch.randint(0, vocab, (B, T))
 
     ref = RefGPT(n_layer, n_head, n_embd, T, vocab)
-    ref_step = step_fn(ref, ref_optimizer(ref), x, y)
+    ref_step = step_fn(torch.compile(ref) if compile_models else ref, ref_optimizer(ref), x, y)
 
     cfg = ModelConfig(
         vocab_size=vocab,
@@ -148,7 +149,7 @@ def bench(name: str, rounds: int, steps: int) -> dict:
     our_opt = make_adamw(
         param_groups(ours, weight_decay=0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=False
     )
-    our_step = step_fn(ours, our_opt, x, y)
+    our_step = step_fn(torch.compile(ours) if compile_models else ours, our_opt, x, y)
 
     for _ in range(3):  # warm up allocators and kernels
         ref_step()
@@ -174,11 +175,15 @@ def main() -> None:
     parser.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile both models (as pretrain.compile=true does)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), fp32, fwd+bwd+clip+AdamW per step")
+    mode = "torch.compile (both)" if args.compile else "eager"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), fp32, {mode}, fwd+bwd+clip+AdamW per step")
     for name in CONFIGS if args.config == "all" else [args.config]:
-        res = bench(name, args.rounds, steps=20 if name == "small" else 3)
+        res = bench(name, args.rounds, steps=20 if name == "small" else 3, compile_models=args.compile)
         print(res["config"])
         print(f"  params   nanoGPT {res['ref_params']:>10,}   llmctl {res['our_params']:>10,}")
         print(f"  tok/s    nanoGPT {res['ref_tok_s']:>10,.0f}   llmctl {res['our_tok_s']:>10,.0f}")
