@@ -446,6 +446,7 @@ class Transformer(nn.Module):
             and logits.requires_grad
             and logits.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # inductor fuses F.cross_entropy itself
         ):
             loss = CrossEntropyFunction.apply(logits, targets, reduction)
         else:
