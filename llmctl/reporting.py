@@ -44,15 +44,3 @@ class Reporter:
 
     def progress(self, description: str, total: float | None = None, unit: str = "it") -> ProgressTask:
         return ProgressTask()
-
-
-class PrintReporter(Reporter):
-    """Plain lines on stderr: handy in examples, benchmarks and scripts."""
-
-    def log(self, message: str) -> None:
-        import sys
-
-        print(message, file=sys.stderr, flush=True)
-
-    def warn(self, message: str) -> None:
-        self.log(f"warning: {message}")

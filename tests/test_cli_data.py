@@ -31,7 +31,9 @@ def test_dedup_filter_reuse_lineage_and_samples(corpus_project):
 
     dedup_samples = run_cli("artifacts", "show", "dedup:v1", "--samples", "2", "--json", cwd=corpus_project)
     removed = dedup_samples.json()["samples"]["removed"]
-    assert len(removed) == 2 and all(row["duplicate_of"] and row["kind"] in ("exact", "near") for row in removed)
+    assert len(removed) == 2 and all(
+        row["duplicate_of"] and row["kind"] in ("exact", "near") for row in removed
+    )
 
     lineage = run_cli("artifacts", "lineage", "filter:latest", "--json", cwd=corpus_project).json()
     assert lineage["id"] == "filter:v0001"

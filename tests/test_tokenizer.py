@@ -21,7 +21,6 @@ from llmctl.data.tokenizer import (
     METADATA_FILE,
     PAD,
     adopt_tokenizer,
-    inspect_text,
     load_tokenizer,
     printable_token,
     train_tokenizer,
@@ -169,7 +168,7 @@ def test_transformers_autotokenizer_and_chat_template(tok, saved):
 
 
 def test_inspect(tok):
-    pairs = inspect_text(tok, "Hi there\n中")
+    pairs = tok.inspect("Hi there\n中")
     assert [i for i, _ in pairs] == tok.encode("Hi there\n中")
     shown = "".join(s for _, s in pairs)
     assert "␣there" in shown and "\\n" in shown

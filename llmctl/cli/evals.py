@@ -118,8 +118,8 @@ def eval_(
       llmctl eval --min world_mc=0.4          # a CI gate: exit 1 below the score
       llmctl eval compare eval:v1 eval:v2
     """
-    from llmctl.cli.models import model_folder
-    from llmctl.evals.evaluate import check_thresholds, evaluate, load_results
+    from llmctl.cli.models import plain_model_folder
+    from llmctl.evals.evaluate import check_thresholds, load_results
 
     if tasks and tasks[0] == "compare":
         _compare(ctx, tasks[1:], json_)
@@ -139,21 +139,13 @@ def eval_(
     }
     state = state_of(ctx)
     out = state.output(json_)
-    path = Path(ckpt).expanduser()
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "manifest.json").is_file():
+    plain = plain_model_folder(ckpt)
+    if plain is not None:
         # A plain HF model folder: evaluate it directly; there is no artifact to publish.
-        results = evaluate(
-            model_folder(ctx, ckpt),
-            options.get("tasks") or ["perplexity"],
-            limit=limit,
-            shots={t: shots for t in options.get("tasks", [])} if shots is not None else None,
-            batch_size=batch_size or 16,
-            data_dir=Path(options["data_dir"]) if data_dir and Path(options["data_dir"]).is_dir() else None,
-            perplexity_data=Path(options["data_dir"])
-            if data_dir and Path(options["data_dir"]).is_file()
-            else None,
-            reporter=out.reporter(),
-        )
+        from llmctl.config.eval import EvalConfig
+        from llmctl.stages.eval import evaluate_folder
+
+        results = evaluate_folder(plain, EvalConfig(), options, reporter=out.reporter())
         artifact_id = None
     else:
         from llmctl.stages.runner import run_stage

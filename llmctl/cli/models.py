@@ -16,11 +16,19 @@ CkptOption = Annotated[
 ]
 
 
-def model_folder(ctx: typer.Context, ref: str) -> Path:
-    """A model artifact's folder, or a plain HF model folder given by path (works outside projects)."""
+def plain_model_folder(ref: str) -> Path | None:
+    """`ref` as an HF model folder that is not an artifact (no manifest), else None."""
     path = Path(ref).expanduser()
     if path.is_dir() and (path / "config.json").is_file() and not (path / "manifest.json").is_file():
         return path.resolve()
+    return None
+
+
+def model_folder(ctx: typer.Context, ref: str) -> Path:
+    """A model artifact's folder, or a plain HF model folder given by path (works outside projects)."""
+    plain = plain_model_folder(ref)
+    if plain is not None:
+        return plain
     from llmctl.stages.runner import workspace_for
 
     config, folder = state_of(ctx).load_project()

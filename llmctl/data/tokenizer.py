@@ -757,8 +757,3 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Tokenizer:
             hint="re-run the tokenize stage rather than editing tokenizer files by hand",
         )
     return tok
-
-
-def inspect_text(tokenizer: Tokenizer, text: str) -> list[tuple[int, str]]:
-    """(token id, printable token string) for each token of `text` (for `llmctl tokenize --inspect`)."""
-    return tokenizer.inspect(text)

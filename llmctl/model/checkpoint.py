@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,29 +139,10 @@ def save_state_dict_folder(
     return written
 
 
-def save_model_folder(
-    model: Transformer,
-    folder: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    bos_token_id: int | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    generation_config: dict | None = None,
-) -> list[Path]:
-    """Save a Transformer as an HF-Llama-compatible folder (dtype=None keeps the model's); returns files."""
-    return save_state_dict_folder(
-        model.state_dict(),
-        model.config,
-        folder,
-        dtype=dtype,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        max_shard_bytes=max_shard_bytes,
-        generation_config=generation_config,
-    )
+def save_model_folder(model: Transformer, folder: str | Path, **options: Any) -> list[Path]:
+    """Save a Transformer as an HF-Llama-compatible folder; `options` as for save_state_dict_folder
+    (dtype=None keeps the model's). Returns the files written."""
+    return save_state_dict_folder(model.state_dict(), model.config, folder, **options)
 
 
 def read_json(path: Path) -> dict:

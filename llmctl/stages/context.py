@@ -47,6 +47,3 @@ class StageContext:
         """Record a value inherited or overridden (lands in the manifest) and log it once."""
         self.notes.append(message)
         self.reporter.log(message)
-
-    def resolve(self, ref: str, kinds: tuple[str, ...] | None = None) -> Artifact:
-        return self.workspace.resolve(ref, kinds=kinds)

@@ -13,29 +13,58 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmctl.config.eval import EvalConfig
 from llmctl.evals.evaluate import RESULTS_FILE, evaluate, flat_metrics
+from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    cfg, opts = ctx.config, ctx.options
     model = ctx.inputs["model"]
     assert model is not None, "the runner resolves the model input"
     tokens = ctx.inputs.get("data")
+    results = evaluate_folder(
+        model.path,
+        ctx.config,
+        ctx.options,
+        tokens_path=tokens.path if tokens is not None else None,
+        project_dir=ctx.project_dir,
+        out_dir=ctx.output_dir,
+        reporter=ctx.reporter,
+    )
+    results["model"] = model.id
+    if tokens is not None:
+        results["tasks"].get("perplexity", {})["source"] = tokens.id
+    (ctx.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    return flat_metrics(results)
+
+
+def evaluate_folder(
+    model_path: Path,
+    cfg: EvalConfig,
+    opts: dict[str, Any],
+    *,
+    tokens_path: Path | None = None,
+    project_dir: Path | None = None,
+    out_dir: Path | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model folder with the `eval:` section overridden by command-line options; used by
+    the stage and, for a plain HF folder that is no artifact, directly by the CLI."""
     data_dir = opts.get("data_dir") or cfg.data_dir
     data_dir = Path(data_dir) if data_dir else None
-    if data_dir is not None and not data_dir.is_absolute():
-        data_dir = ctx.project_dir / data_dir
-    perplexity_data = tokens.path if tokens is not None else None
+    if data_dir is not None and not data_dir.is_absolute() and project_dir is not None:
+        data_dir = project_dir / data_dir
+    perplexity_data = tokens_path
     if perplexity_data is None and data_dir is not None and data_dir.is_file():
         perplexity_data = data_dir  # `--data-dir notes.txt`: perplexity on a text file
+    tasks = list(opts.get("tasks") or cfg.tasks)
     shots = dict(cfg.shots)
     if opts.get("shots") is not None:  # --shots K applies to every task run now
-        tasks_now = opts.get("tasks") or cfg.tasks
-        shots.update({t: int(opts["shots"]) for t in tasks_now})
-    results = evaluate(
-        model.path,
-        list(opts.get("tasks") or cfg.tasks),
+        shots.update({t: int(opts["shots"]) for t in tasks})
+    return evaluate(
+        model_path,
+        tasks,
         limit=opts.get("limit") or cfg.limit,
         shots=shots,
         batch_size=opts.get("batch_size") or cfg.batch_size,
@@ -45,14 +74,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         seed=opts.get("seed") if opts.get("seed") is not None else cfg.seed,
         max_gen_tokens=cfg.max_gen_tokens,
         perplexity_data=perplexity_data,
-        project_dir=ctx.project_dir,
+        project_dir=project_dir,
         world_seed=cfg.world_seed,
         world_items=cfg.world_items,
-        out_dir=ctx.output_dir,
-        reporter=ctx.reporter,
+        out_dir=out_dir,
+        reporter=reporter,
     )
-    results["model"] = model.id
-    if tokens is not None:
-        results["tasks"].get("perplexity", {})["source"] = tokens.id
-    (ctx.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    return flat_metrics(results)

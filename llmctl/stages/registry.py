@@ -65,8 +65,3 @@ def register(stage: Stage) -> Stage:
 
 def pipeline_stages() -> list[Stage]:
     return [s for s in STAGES.values() if s.in_pipeline]
-
-
-def producers(kind: str) -> tuple[str, ...]:
-    """Names of stages whose artifacts are of `kind` (for `latest` and listings)."""
-    return tuple(s.name for s in STAGES.values() if s.output_kind == kind)
