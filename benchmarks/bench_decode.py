@@ -3,7 +3,9 @@
 The model is the `gpt2-small` preset (124M, random init) saved as an HF folder and loaded by
 transformers as LlamaForCausalLM, so both sides run identical weights and shapes. Both use a KV
 cache and generate exactly --new-tokens tokens for the same prompts. Decode tokens/s excludes
-prefill: (time for N new tokens - time for 1 new token) / (N - 1) steps.
+prefill: (time for N new tokens - time for 1 new token) / (N - 1) steps. "llmctl" decodes through
+packed weights (llmctl/model/decode.py, the engine's default on CPU); "llmctl unpacked" through
+the model's forward, to show what the packing buys.
 
     python benchmarks/bench_decode.py                  # batch 1 and 8, 64 new tokens, 2 threads
     python benchmarks/bench_decode.py --new-tokens 128 --repeats 3
@@ -49,10 +51,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         save_model_folder(ours, d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    engine = Engine(ours)
+    engine, unpacked = Engine(ours), Engine(ours, packed=False)
 
     def run_ours(prompts, n):
         return engine.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0))
+
+    def run_unpacked(prompts, n):
+        return unpacked.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0))
 
     def run_hf(prompts, n):
         with torch.inference_mode():
@@ -74,8 +79,8 @@ def main() -> None:
         # Same weights, same greedy tokens: check before timing.
         a = [r.tokens for r in run_ours(prompts, 8)]
         b = run_hf(prompts, 8)[:, args.prompt_len :].tolist()
-        same = a == b
-        impls = {"llmctl": run_ours, "transformers": run_hf}
+        same = a == b == [r.tokens for r in run_unpacked(prompts, 8)]
+        impls = {"llmctl": run_ours, "llmctl unpacked": run_unpacked, "transformers": run_hf}
         for fn in impls.values():
             fn(prompts, 2)  # warm-up
         # Alternate the two implementations round by round and keep each one's best time, so load
@@ -93,13 +98,13 @@ def main() -> None:
         f"gpt2-small (124M) fp32, CPU, {args.threads} threads, prompt {args.prompt_len}, {N} new tokens, greedy"
     )
     print(
-        f"{'batch':>5} | {'impl':<12} | {'decode tok/s':>12} | {'end-to-end tok/s':>16} | {'speedup':>7} | same tokens"
+        f"{'batch':>5} | {'impl':<15} | {'decode tok/s':>12} | {'end-to-end tok/s':>16} | {'speedup':>7} | same tokens"
     )
-    print("-" * 80)
+    print("-" * 83)
     for B, result, same in rows:
         base = result["transformers"][0]
         for name, (dec, e2e) in result.items():
-            print(f"{B:>5} | {name:<12} | {dec:>12.1f} | {e2e:>16.1f} | {dec / base:>6.2f}x | {same}")
+            print(f"{B:>5} | {name:<15} | {dec:>12.1f} | {e2e:>16.1f} | {dec / base:>6.2f}x | {same}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from llmctl.errors import InputError
+from llmctl.model.decode import PackedDecoder, packing_pays_off
 from llmctl.model.transformer import KVCache, Transformer
 
 FinishReason = Literal["stop", "length"]
@@ -125,7 +126,11 @@ def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
 
 class Engine:
     """Generation over a Transformer. `tokenizer` (anything with `.decode(list[int]) -> str`, e.g.
-    a `tokenizers.Tokenizer`) or `decode` enables text output and stop strings."""
+    a `tokenizers.Tokenizer`) or `decode` enables text output and stop strings.
+
+    Prompts are prefilled through the model's forward; decode steps run through a PackedDecoder
+    (a repacked copy of the weights, llmctl/model/decode.py) where that is faster: fp32 on CPU,
+    unless `packed=False`. The copy is rebuilt when the model's weights change."""
 
     def __init__(
         self,
@@ -133,8 +138,11 @@ class Engine:
         tokenizer: Any = None,
         *,
         decode: Callable[[list[int]], str] | None = None,
+        packed: bool | None = None,
     ):
         self.model = model
+        self.packed = packing_pays_off(model) if packed is None else packed
+        self._decoder: PackedDecoder | None = None
         if decode is None and tokenizer is not None:
 
             def decode(ids: list[int]) -> str:
@@ -159,6 +167,15 @@ class Engine:
             self._cache = c
         c.reset()
         return c
+
+    def _get_decoder(self) -> PackedDecoder | None:
+        """The packed weights, (re)built when missing or out of date with the model's."""
+        if not self.packed:
+            return None
+        if self._decoder is None or not self._decoder.is_current():
+            self._decoder = None  # free the old copy before making the new one
+            self._decoder = PackedDecoder(self.model)
+        return self._decoder
 
     def generate(
         self,
@@ -236,6 +253,7 @@ class Engine:
         active = [True] * B
         emitted = [""] * B  # text already yielded per row
         cache = self._get_cache(B, total)
+        decoder = self._get_decoder()
 
         with torch.inference_mode():
             logits = model(idx, cache=cache, attention_mask=attention_mask, logits_to_keep=1)[:, -1]  # (B, V)
@@ -274,14 +292,18 @@ class Engine:
             if not any(active):
                 break
             with torch.inference_mode():
-                if ragged:
-                    pos = positions + step
-                    logits = model(
-                        next_ids[:, None], cache=cache, attention_mask=attention_mask, position_ids=pos
+                pos = positions + step if ragged else None  # (B, 1)
+                if decoder is not None:
+                    logits = decoder.step(
+                        next_ids,
+                        cache,
+                        attention_mask=attention_mask,
+                        position_ids=None if pos is None else pos[:, 0],
                     )
                 else:
-                    logits = model(next_ids[:, None], cache=cache)
-                logits = logits[:, -1]
+                    logits = model(
+                        next_ids[:, None], cache=cache, attention_mask=attention_mask, position_ids=pos
+                    )[:, -1]
 
     def _flush(self, row: int, res: Completion, emitted: list[str]) -> str:
         """Text still held back when a row stops on a stop token."""
