@@ -14,6 +14,7 @@ from llmctl.model.checkpoint import WEIGHTS_INDEX_FILE, load_model_folder, save_
 from llmctl.model.config import (
     PRESETS,
     ModelConfig,
+    RopeScaling,
     flops_per_token,
     from_depth,
     num_params,
@@ -91,7 +92,15 @@ def test_from_depth_and_hf_config_round_trip():
     assert (big.n_embd, big.head_dim, big.n_head) == (1280, 128, 10)
     assert suggested_lr(cfg) == pytest.approx(6e-4)
     assert token_budget(cfg) == 20 * num_params(cfg)
-    for c in (cfg, preset("1b"), preset("test-1m", attention_bias=True), preset("test-1m", qk_norm=True)):
+    long_context = RopeScaling("llama3", 8.0, original_max_position_embeddings=64)
+    for c in (
+        cfg,
+        preset("1b"),
+        preset("test-1m", attention_bias=True),
+        preset("test-1m", qk_norm=True),
+        preset("test-1m", rope_scaling=long_context),
+        preset("test-1m", rope_scaling=RopeScaling("yarn", 4.0, 64, attention_factor=1.2)),
+    ):
         assert ModelConfig.from_hf_config(c.to_hf_config()) == c
     with pytest.raises(InputError, match="supported: llama, mistral, qwen2"):
         ModelConfig.from_hf_config({"model_type": "gpt2"})

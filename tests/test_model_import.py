@@ -12,8 +12,10 @@ import torch
 
 from llmctl.errors import InputError
 from llmctl.model.checkpoint import load_model_folder
+from llmctl.model.config import ModelConfig
 from llmctl.model.engine import Engine, SamplingParams
 from llmctl.model.hf_import import import_model
+from llmctl.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
@@ -74,6 +76,49 @@ def test_import_hf_folder_matches_transformers(tmp_path: Path, kind: str):
     idx = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_SCALINGS))
+def test_rope_scaled_llama_imports_and_exports_exactly(tmp_path: Path, rope_type: str):
+    """Llama 3.1-style (and linear/yarn) long-context rotary: our logits equal transformers' on the
+    imported model, and transformers reads our exported config.json back the same way."""
+    rope = {**ROPE_SCALINGS[rope_type], "rope_theta": SMALL["rope_theta"]}
+    config = transformers.LlamaConfig(**{**SMALL, "rope_parameters": rope})
+    src, hf = hf_folder(tmp_path, config)
+    import_model(src, tmp_path / "out")
+    model, cfg = load_model_folder(tmp_path / "out")
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == rope_type
+    idx = torch.randint(0, 256, (2, 120))  # well past original_max_position_embeddings
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    unscaled = Transformer(cfg.replace(rope_scaling=None))
+    unscaled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(exported(idx).logits, theirs, atol=1e-4, rtol=1e-4)
+        # The scaling really changes the model: without it the logits are 10x the tolerance off.
+        assert (unscaled(idx) - theirs).abs().max() > 1e-3
+
+
+def test_unsupported_rope_type_is_a_clear_error(tmp_path: Path):
+    config = json.loads(transformers.LlamaConfig(**SMALL).to_json_string())
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    config.pop("rope_parameters", None)
+    with pytest.raises(InputError, match="rope type 'dynamic' is not supported; supported: default, linear"):
+        ModelConfig.from_hf_config(config)
 
 
 def test_unsupported_architecture_lists_supported(tmp_path: Path):

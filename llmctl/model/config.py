@@ -24,6 +24,90 @@ from llmctl.errors import InputError
 
 # Architectures `from_hf_config` understands; all are the Llama block with small switches.
 SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Long-context rotary variants (HF `rope_type`); all are fixed changes of the rotary frequencies.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling for contexts beyond the pretraining length, as HF computes it
+    (transformers' modeling_rope_utils; the fields keep HF's names and defaults).
+
+    - linear (Chen et al. 2023, position interpolation): every frequency / factor.
+    - llama3 (Llama 3.1+): low frequencies / factor, high ones kept, a smooth ramp between, set
+      by low/high_freq_factor relative to original_max_position_embeddings.
+    - yarn (Peng et al. 2023, https://arxiv.org/abs/2309.00071): a ramp over dimensions between
+      beta_fast and beta_slow rotations, and cos/sin times attention_factor
+      (default 0.1 ln(factor) + 1).
+    """
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES[1:]:
+            raise ValueError(
+                f"rope type {self.rope_type!r} is not supported; supported: "
+                + ", ".join(SUPPORTED_ROPE_TYPES)
+            )
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be > 0 (got {self.factor})")
+        if self.rope_type in ("llama3", "yarn") and not self.original_max_position_embeddings:
+            raise ValueError(f"{self.rope_type} rope scaling needs original_max_position_embeddings")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `rope_parameters` / `rope_scaling` fields of this scaling (without rope_theta)."""
+        d: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            d.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        elif self.rope_type == "yarn":
+            d.update(
+                beta_fast=self.beta_fast,
+                beta_slow=self.beta_slow,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+                truncate=self.truncate,
+            )
+            if self.attention_factor is not None:
+                d["attention_factor"] = self.attention_factor
+        return d
+
+    @classmethod
+    def from_hf(cls, params: dict[str, Any], max_position_embeddings: int) -> RopeScaling | None:
+        """Read HF `rope_parameters` (transformers >= 5) or `rope_scaling` (older); None for default."""
+        rope_type = params.get("rope_type") or params.get("type") or "default"
+        if rope_type == "default":
+            return None
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported; supported: " + ", ".join(SUPPORTED_ROPE_TYPES)
+            )
+        if rope_type == "yarn" and (params.get("mscale") or params.get("mscale_all_dim")):
+            raise ValueError("yarn rope scaling with mscale/mscale_all_dim (DeepSeek) is not supported")
+        factor = params.get("factor")
+        original = params.get("original_max_position_embeddings")
+        if factor is None and rope_type == "yarn" and original:
+            factor = max_position_embeddings / original  # HF's rule for a yarn config without factor
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        pick = {k: params[k] for k in defaults if k in params and params[k] is not None}
+        pick.update(rope_type=rope_type, factor=float(factor) if factor is not None else 0.0)
+        if rope_type == "yarn":
+            # HF: `beta_fast or 32`, so a 0 means the default too.
+            pick["beta_fast"] = float(params.get("beta_fast") or 32)
+            pick["beta_slow"] = float(params.get("beta_slow") or 1)
+        if rope_type == "llama3" and "original_max_position_embeddings" not in pick:
+            pick["original_max_position_embeddings"] = max_position_embeddings
+        return cls(**pick)
 
 
 @dataclass(frozen=True)
@@ -43,6 +127,7 @@ class ModelConfig:
     max_seq_len: int = 1024
     head_dim: int = 0  # 0 = n_embd // n_head (filled in by __post_init__)
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     qk_norm: bool = False
@@ -108,7 +193,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_seq_len,
             "initializer_range": self.init_std,
             "rms_norm_eps": self.norm_eps,
-            # Both spellings: transformers<5 reads rope_theta, transformers>=5 rope_parameters.
+            # Both spellings: transformers<5 reads rope_theta/rope_scaling, >=5 rope_parameters.
             "rope_theta": self.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "tie_word_embeddings": self.tie_embeddings,
@@ -121,6 +206,9 @@ class ModelConfig:
             d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layer)
         else:
             d.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = self.rope_scaling.to_hf()
+            d["rope_parameters"] = {**self.rope_scaling.to_hf(), "rope_theta": self.rope_theta}
         return d
 
     @classmethod
@@ -138,13 +226,10 @@ class ModelConfig:
             if act not in ("silu", "swish"):
                 raise InputError(f"{source}: hidden_act {act!r} is not supported (only silu)")
             rope = hf.get("rope_parameters") or {}
-            scaling = hf.get("rope_scaling") or {}
-            rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-            if rope_type != "default":
-                raise InputError(
-                    f"{source}: rope type {rope_type!r} is not supported (only the default rotary)",
-                    hint="long-context rope scaling (llama3/yarn/linear) is not implemented yet",
-                )
+            scaling_fields = rope if rope.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+            rope_scaling = RopeScaling.from_hf(
+                scaling_fields or {}, int(hf.get("max_position_embeddings", 2048))
+            )
             if hf.get("mlp_bias") or (model_type == "llama" and hf.get("attention_bias")):
                 raise InputError(f"{source}: llama with attention_bias/mlp_bias is not supported")
             n_embd = int(hf["hidden_size"])
@@ -167,6 +252,7 @@ class ModelConfig:
                 max_seq_len=max_seq_len,
                 head_dim=int(hf.get("head_dim") or n_embd // n_head),
                 rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                rope_scaling=rope_scaling,
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", model_type != "mistral")),
                 qk_norm=model_type == "qwen3",

@@ -3,7 +3,8 @@
 Features:
 - pre-norm blocks with RMSNorm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467);
 - rotary position embeddings with configurable theta, "rotate-half" layout as in HF Llama
-  (Su et al. 2021, https://arxiv.org/abs/2104.09864), cos/sin cached as buffers;
+  (Su et al. 2021, https://arxiv.org/abs/2104.09864), cos/sin cached as buffers, with the
+  long-context frequency scalings of imported models (linear, llama3, yarn; see RopeScaling);
 - grouped-query attention via `n_kv_head` (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245),
   optional per-head QK-norm (Qwen3) and optional q/k/v biases (Qwen2), computed with
   `F.scaled_dot_product_attention` (the `is_causal` fast path when there is no mask or cache);
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmctl.model.config import ModelConfig, flops_per_token
+from llmctl.model.config import ModelConfig, RopeScaling, flops_per_token
 
 IGNORE_INDEX = -100  # target value that contributes no loss (the PyTorch / HF convention)
 
@@ -78,20 +79,67 @@ class RMSNorm(nn.RMSNorm):
         return super().forward(x)
 
 
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the cos/sin multiplier, computed exactly as HF does
+    (transformers' modeling_rope_utils) so imported long-context models match to fp32 rounding."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq, 1.0
+    factor = scaling.factor
+    if scaling.rope_type == "linear":
+        return inv_freq / factor, 1.0
+    original = scaling.original_max_position_embeddings
+    if scaling.rope_type == "llama3":
+        low_wavelen = original / scaling.low_freq_factor
+        high_wavelen = original / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+
+    # yarn: interpolate (/ factor) the slow dimensions, keep the fast ones, ramp in between.
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as HF: no division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (/ factor)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, attention_factor
+
+
 def rope_tables(
-    head_dim: int, max_seq_len: int, theta: float, device=None
+    head_dim: int,
+    max_seq_len: int,
+    theta: float,
+    device=None,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables (max_seq_len, head_dim): cos = [cos, cos], sin = [-sin, sin] (sign folded in).
 
     Angles are computed exactly as HF Llama does (fp32 outer product), so imported models match to
     fp32 rounding; folding the sign into sin makes `apply_rotary` three elementwise ops.
     """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
-    )
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
     t = torch.arange(max_seq_len, dtype=torch.int64, device=device).float()
-    freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
-    cos, sin = freqs.cos(), freqs.sin()
+    freqs = torch.outer(t, inv_freq.to(device))  # (T, head_dim/2)
+    cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
@@ -337,7 +385,9 @@ class Transformer(nn.Module):
         cfg = self.config
         device = device if device is not None else self.lm_head.weight.device
         dtype = self.lm_head.weight.dtype
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        cos, sin = rope_tables(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling
+        )
         self.rope_cos, self.rope_sin = cos.to(dtype), sin.to(dtype)
 
     @torch.no_grad()
