@@ -77,3 +77,24 @@ def test_engine_repacks_after_the_weights_change():
     assert after != before
     engine.generate(prompts, params)
     assert engine._decoder.is_current()
+
+
+def test_logprobs_are_the_models_own_for_each_sampled_token():
+    """RL needs log p(token | prefix) under the model (raw logits, before temperature/penalty):
+    recomputed with one full forward pass over prompt + completion, they agree."""
+    model = make_model()
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    params = SamplingParams(
+        max_new_tokens=10, temperature=1.3, top_k=50, repetition_penalty=1.2, seed=0, logprobs=True
+    )
+    events = []
+    results = Engine(model).generate(prompts, params, on_token=events.append)
+    for row, (prompt, res) in enumerate(zip(prompts, results, strict=True)):
+        assert len(res.logprobs) == len(res.tokens) == 10
+        seq = torch.tensor([prompt + res.tokens])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(seq)[0, len(prompt) - 1 : -1], dim=-1)
+        expected = log_probs.gather(1, torch.tensor(res.tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(res.logprobs), expected, atol=1e-4, rtol=1e-4)
+        assert [e.logprob for e in events if e.row == row] == res.logprobs
+    assert Engine(model).generate(prompts, SamplingParams(max_new_tokens=2))[0].logprobs is None

@@ -29,7 +29,11 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 = greedy (deterministic); top_k 0 and top_p 1.0 = off."""
+    """How to pick tokens. temperature 0 = greedy (deterministic); top_k 0 and top_p 1.0 = off.
+
+    `logprobs` are the model's own log-probabilities of the chosen tokens (log_softmax of the raw
+    logits, before penalty, temperature and truncation; vLLM's default "raw" mode), which is what
+    RL objectives and importance ratios need."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -39,6 +43,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: bool = False  # also return each sampled token's log-probability under the model
 
     def __post_init__(self) -> None:
         checks = [
@@ -65,6 +70,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     text: str | None = None
     finish_reason: FinishReason = "length"
+    logprobs: list[float] | None = None  # one per token in `tokens`, with SamplingParams(logprobs=True)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class TokenEvent:
     token: int | None
     text: str
     finish_reason: FinishReason | None = None
+    logprob: float | None = None  # with SamplingParams(logprobs=True), for a token
 
 
 # ---- sampling --------------------------------------------------------------------------------------
@@ -249,6 +256,9 @@ class Engine:
             for i, p in enumerate(prompts):  # per row, so left padding does not count as "seen"
                 seen[i, torch.tensor(list(p), dtype=torch.long, device=device)] = True
 
+        if params.logprobs:
+            for res in results:
+                res.logprobs = []
         stop_ids = set(params.stop_token_ids)
         active = [True] * B
         emitted = [""] * B  # text already yielded per row
@@ -259,9 +269,14 @@ class Engine:
             logits = model(idx, cache=cache, attention_mask=attention_mask, logits_to_keep=1)[:, -1]  # (B, V)
         for step in range(params.max_new_tokens):
             with torch.inference_mode():
+                raw = logits
                 if seen is not None:
                     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
                 next_ids = sample_next(logits, params, generator)  # (B,)
+                chosen_logprobs = [None] * B
+                if params.logprobs:
+                    log_probs = torch.log_softmax(raw.float(), dim=-1)
+                    chosen_logprobs = log_probs.gather(1, next_ids[:, None])[:, 0].tolist()
                 if seen is not None:
                     seen.scatter_(1, next_ids[:, None], True)
             last_step = step == params.max_new_tokens - 1
@@ -275,6 +290,8 @@ class Engine:
                     yield TokenEvent(row, None, self._flush(row, res, emitted), "stop")
                     continue
                 res.tokens.append(tok)
+                if res.logprobs is not None:
+                    res.logprobs.append(chosen_logprobs[row])
                 finish: FinishReason | None = "length" if last_step else None
                 text = ""
                 if self.decode is not None:
@@ -288,7 +305,7 @@ class Engine:
                 if finish:
                     active[row] = False
                     res.finish_reason = finish
-                yield TokenEvent(row, tok, text, finish)
+                yield TokenEvent(row, tok, text, finish, chosen_logprobs[row])
             if not any(active):
                 break
             with torch.inference_mode():
