@@ -338,7 +338,7 @@ def _gguf_tokenizer(path: Path, out_dir: Path) -> list[str]:
     except ImportError:
         raise InputError(
             f"{path}: converting a GGUF tokenizer needs the transformers package",
-            hint="pip install 'llmctl[dev]' (or transformers), then re-run the import",
+            hint="pip install 'llmctl[hf]' (or transformers), then re-run the import",
         ) from None
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
