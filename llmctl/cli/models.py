@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -121,6 +122,7 @@ def generate(
     params = _sampling(
         max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, loaded.stop_token_ids()
     )
+    params = dataclasses.replace(params, logprobs=out.json_mode)  # scripts get the log-probabilities
     prompt_ids = loaded.encode(prompt)
     if len(prompt_ids) + max_new_tokens > loaded.config.max_seq_len:
         raise UsageError(
@@ -146,6 +148,7 @@ def generate(
                 "prompt": prompt,
                 "text": completion.text,
                 "tokens": completion.tokens,
+                "logprobs": completion.logprobs,
                 "finish_reason": completion.finish_reason,
             }
         )
