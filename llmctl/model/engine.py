@@ -2,7 +2,8 @@
 
 Prompts of different lengths are left-padded into one batch; a padding mask and per-row position
 ids keep every row exactly what it would be alone. The KV cache is allocated once per batch shape
-and reused; each step runs one forward over a single new token per row under `inference_mode`.
+and reused; each step runs one forward over a single new token per row under `inference_mode`
+(on CPU through a repacked copy of the weights: llmctl/model/decode.py).
 
     engine = Engine(model, tokenizer)                 # tokenizer: tokenizers.Tokenizer (for text/stop strings)
     params = SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0,
@@ -148,7 +149,7 @@ class Engine:
         packed: bool | None = None,
     ):
         self.model = model
-        self.packed = packing_pays_off(model) if packed is None else packed
+        self.packed = packed  # None: wherever it pays off for the model's current device and dtype
         self._decoder: PackedDecoder | None = None
         if decode is None and tokenizer is not None:
 
@@ -177,7 +178,8 @@ class Engine:
 
     def _get_decoder(self) -> PackedDecoder | None:
         """The packed weights, (re)built when missing or out of date with the model's."""
-        if not self.packed:
+        if not (packing_pays_off(self.model) if self.packed is None else self.packed):
+            self._decoder = None
             return None
         if self._decoder is None or not self._decoder.is_current():
             self._decoder = None  # free the old copy before making the new one
