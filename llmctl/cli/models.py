@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,14 +133,20 @@ def generate(
         )
     streaming = not out.json_mode
 
+    first_token_at: list[float] = []
+
     def show(event) -> None:
+        if not first_token_at:
+            first_token_at.append(time.perf_counter())
         if streaming and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
 
     if streaming:
         sys.stdout.write(prompt)
+    start = time.perf_counter()
     [completion] = loaded.engine.generate([prompt_ids], params, on_token=show)
+    end = time.perf_counter()
     if streaming:
         sys.stdout.write("\n")
     else:
@@ -150,6 +157,11 @@ def generate(
                 "tokens": completion.tokens,
                 "logprobs": completion.logprobs,
                 "finish_reason": completion.finish_reason,
+                # Prefill (prompt + first token) and decode speed, as llama.cpp and vLLM report them.
+                "time_to_first_token_s": round(first_token_at[0] - start, 4),
+                "decode_tokens_per_s": round((len(completion.tokens) - 1) / (end - first_token_at[0]), 2)
+                if len(completion.tokens) > 1
+                else None,
             }
         )
 
