@@ -9,6 +9,7 @@ the model's forward, to show what the packing buys.
 
     python benchmarks/bench_decode.py                  # batch 1 and 8, 64 new tokens, 2 threads
     python benchmarks/bench_decode.py --new-tokens 128 --repeats 3
+    python benchmarks/bench_decode.py --model demo/workspace/artifacts/import/v0001   # a real model folder
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from llmctl.model.checkpoint import save_model_folder  # noqa: E402
+from llmctl.model.checkpoint import load_model_folder, save_model_folder  # noqa: E402
 from llmctl.model.config import preset  # noqa: E402
 from llmctl.model.engine import Engine, SamplingParams  # noqa: E402
 from llmctl.model.transformer import Transformer  # noqa: E402
@@ -41,16 +42,23 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", help="an HF Llama-family model folder (default: gpt2-small preset, random)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = preset("gpt2-small")
-    ours = Transformer(cfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        save_model_folder(ours, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    if args.model:
+        ours, cfg = load_model_folder(args.model, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        name = f"{args.model} ({ours.num_params() / 1e6:.0f}M)"
+    else:
+        cfg = preset("gpt2-small")
+        ours = Transformer(cfg).eval()
+        with tempfile.TemporaryDirectory() as d:
+            save_model_folder(ours, d)
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        name = "gpt2-small (124M, random init)"
     engine, unpacked = Engine(ours), Engine(ours, packed=False)
 
     def run_ours(prompts, n):
@@ -94,9 +102,7 @@ def main() -> None:
         result = {name: (B * (N - 1) / (tn[name] - t1[name]), B * N / tn[name]) for name in impls}
         rows.append((B, result, same))
 
-    print(
-        f"gpt2-small (124M) fp32, CPU, {args.threads} threads, prompt {args.prompt_len}, {N} new tokens, greedy"
-    )
+    print(f"{name} fp32, CPU, {args.threads} threads, prompt {args.prompt_len}, {N} new tokens, greedy")
     print(
         f"{'batch':>5} | {'impl':<15} | {'decode tok/s':>12} | {'end-to-end tok/s':>16} | {'speedup':>7} | same tokens"
     )
