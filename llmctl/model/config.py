@@ -25,7 +25,8 @@ from llmctl.errors import InputError
 # Architectures `from_hf_config` understands; all are the Llama block with small switches.
 SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Long-context rotary variants (HF `rope_type`); all are fixed changes of the rotary frequencies.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SCALED_ROPE_TYPES = ("linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", *SCALED_ROPE_TYPES)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class RopeScaling:
     truncate: bool = True
 
     def __post_init__(self) -> None:
-        if self.rope_type not in SUPPORTED_ROPE_TYPES[1:]:
+        if self.rope_type not in SCALED_ROPE_TYPES:
             raise ValueError(
                 f"rope type {self.rope_type!r} is not supported; supported: "
                 + ", ".join(SUPPORTED_ROPE_TYPES)
@@ -98,8 +99,8 @@ class RopeScaling:
         original = params.get("original_max_position_embeddings")
         if factor is None and rope_type == "yarn" and original:
             factor = max_position_embeddings / original  # HF's rule for a yarn config without factor
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        pick = {k: params[k] for k in defaults if k in params and params[k] is not None}
+        known = {f.name for f in dataclasses.fields(cls)}
+        pick = {k: v for k, v in params.items() if k in known and v is not None}
         pick.update(rope_type=rope_type, factor=float(factor) if factor is not None else 0.0)
         if rope_type == "yarn":
             # HF: `beta_fast or 32`, so a 0 means the default too.

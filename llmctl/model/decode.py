@@ -7,7 +7,7 @@ and does not spread over more threads (measured on a 2-core EPYC; 2 threads = 1 
 Laid out as (in, out) it streams ~28 GB/s; cut into S column blocks, stored (S, in, out/S), and
 run as one batched GEMM, the blocks go to different cores: 40-50 GB/s on 2 cores, since two
 cores each stream their own share of the memory bandwidth. Fusing q/k/v and gate/up into one
-matrix each halves the calls. Together: the 124M model decodes 2.5x faster at batch 1 and 1.7x
+matrix each halves the calls. Together: the 124M model decodes 2.4-2.5x faster at batch 1 and 1.6-1.7x
 at batch 8 than through `Transformer.forward` (benchmarks/bench_decode.py).
 
 The packed copy costs one extra copy of the weights in memory; `PackedDecoder.is_current()`

@@ -115,7 +115,7 @@ def rope_frequencies(
     if low == high:
         high += 0.001  # as HF: no division by zero
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    pos_freqs = theta**exponents
     keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (/ factor)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
     attention_factor = scaling.attention_factor
