@@ -2,13 +2,13 @@
 
 A decode step multiplies a handful of rows (one new token per sequence) by every weight matrix, so
 on a CPU it is bound by how fast the weights stream from memory, not by arithmetic. MKL's GEMM
-with a few rows against a row-major (out, in) `nn.Linear` weight streams ~18 GB/s on one core
-and does not spread over more threads (measured on a 2-core EPYC; 2 threads = 1 thread).
-Laid out as (in, out) it streams ~28 GB/s; cut into S column blocks, stored (S, in, out/S), and
-run as one batched GEMM, the blocks go to different cores: 40-50 GB/s on 2 cores, since two
+with a few rows against a row-major (out, in) `nn.Linear` weight streams ~17 GB/s on one core and
+does not spread over more threads (2-core EPYC: 2 threads = 1 thread). Laid out as (in, out) it
+streams 20-30 GB/s; cut into S column blocks, stored (S, in, out/S), and run as one batched GEMM,
+the blocks go to different cores: 30-48 GB/s on 2 cores (benchmarks/bench_matvec.py), since two
 cores each stream their own share of the memory bandwidth. Fusing q/k/v and gate/up into one
-matrix each halves the calls. Together: the 124M model decodes 2.4-2.5x faster at batch 1 and 1.6-1.7x
-at batch 8 than through `Transformer.forward` (benchmarks/bench_decode.py).
+matrix each halves the calls. Together: the 124M model decodes 2.4-2.5x faster at batch 1 and
+1.6-1.7x at batch 8 than through `Transformer.forward` (benchmarks/bench_decode.py).
 
 The packed copy costs one extra copy of the weights in memory; `PackedDecoder.is_current()`
 tells when the model's weights changed since packing (an optimizer step, a load), so a
