@@ -83,3 +83,42 @@ def test_schema_is_json_schema_with_descriptions():
     json.dumps(schema)
     assert schema["additionalProperties"] is False
     assert schema["properties"]["workspace"]["description"]
+
+
+def test_duplicate_keys_are_an_error_with_both_lines(tmp_path):
+    path = _write(
+        tmp_path,
+        "name: p\npretrain:\n  max_steps: 10\ndedup:\n  bands: 20\npretrain:\n  max_steps: 99\n",
+    )
+    with pytest.raises(ConfigError, match=r"^llmctl.yaml:6: duplicate key pretrain \(first at line 2\)$"):
+        load_config(ProjectConfig, path)
+    nested = _write(tmp_path, "name: p\ndedup:\n  bands: 20\n  rows: 4\n  bands: 10\n")
+    with pytest.raises(ConfigError, match=r"llmctl.yaml:5: duplicate key dedup.bands \(first at line 3\)"):
+        load_config(ProjectConfig, nested)
+    with pytest.raises(UsageError, match=r"duplicate key bands"):
+        parse_override("dedup={bands: 2, bands: 3}")
+
+
+def test_merge_keys_and_single_anchors_still_load(tmp_path):
+    path = _write(
+        tmp_path,
+        "name: p\ndata:\n  sources:\n    - &src {path: a.jsonl, limit: 5}\n    - <<: *src\n      path: b.jsonl\n",
+    )
+    cfg = load_config(ProjectConfig, path)
+    assert [(s.path, s.limit) for s in cfg.data.sources] == [("a.jsonl", 5), ("b.jsonl", 5)]
+
+
+def _alias_bomb(levels: int) -> str:
+    rows = ["name: p", 'x0: &x0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    rows += [f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(rows) + "\n"
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path, cli):
+    (tmp_path / "llmctl.yaml").write_text(_alias_bomb(10))
+    assert len(_alias_bomb(10)) < 3000
+    result = cli("config", "validate", cwd=tmp_path, timeout=60)
+    assert result.code == 2, result.stderr
+    assert "expands to more than 200,000 nodes through its anchors and aliases" in result.stderr
+    with pytest.raises(UsageError, match="expands to more than"):
+        parse_override("dedup.bands=" + _alias_bomb(8).split("\n", 1)[1].replace("\n", ", ").join("{}"))

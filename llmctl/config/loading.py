@@ -40,9 +40,10 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
             hint="for example: --set dedup.bands=20 --set data.sources.0.limit=1000",
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise UsageError(f"bad --set {text!r}: value is not valid YAML ({exc.problem})") from None
+        value = safe_yaml_load(raw, "value") if raw.strip() else ""
+    except ConfigError as exc:  # its message starts "value:LINE: "; the value is one --set item
+        problem = exc.message.split(": ", 1)[1]
+        raise UsageError(f"bad --set {text!r}: {problem}", hint=exc.hint) from None
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
     return path, value
 
@@ -83,12 +84,64 @@ def _dotted(path: tuple | list) -> str:
 
 
 class _LineLoader(yaml.SafeLoader):
-    """A SafeLoader that also records the line of every mapping key, by dotted key path."""
+    """A SafeLoader; the composed node tree is checked (`_check_tree`) before anything is constructed."""
+
+
+# A real project file has hundreds of nodes (a long source list: tens of thousands). Anchors and
+# aliases share nodes, so a few KB of nested aliases expand to billions when walked or validated
+# (an "alias bomb"); count nodes as expanded and stop long before that hurts.
+MAX_YAML_NODES = 200_000
+
+
+def _check_tree(root: yaml.Node | None, source: str) -> dict[str, int]:
+    """Walk the composed tree as it will be expanded: the line of every key path, duplicate keys and
+    alias expansion refused. Raises ConfigError naming the lines."""
+    lines: dict[str, int] = {}
+    expanded = 0
+
+    def walk(node: yaml.Node | None, path: tuple) -> None:
+        nonlocal expanded
+        expanded += 1
+        if expanded > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} nodes through its anchors "
+                "and aliases (&name / *name)",
+                hint="write the repeated parts out, or reference them fewer times",
+            )
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in first_line:
+                        key = _dotted((*path, key_node.value))
+                        raise ConfigError(
+                            f"{source}:{line}: duplicate key {key} (first at line "
+                            f"{first_line[key_node.value]})",
+                            hint="merge the two into one, or delete one of them",
+                        )
+                    first_line[key_node.value] = line
+                sub = (*path, key_node.value)
+                lines.setdefault(_dotted(sub), line)
+                walk(value_node, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                sub = (*path, i)
+                lines.setdefault(_dotted(sub), item.start_mark.line + 1)
+                walk(item, sub)
+
+    walk(root, ())
+    return lines
 
 
 def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """Parse YAML text safely: (data, line of every dotted key path). Malformed YAML, duplicate keys
+    and alias bombs are ConfigErrors naming `source` and the line."""
+    loader = _LineLoader(text)
     try:
-        root = yaml.compose(text, Loader=_LineLoader)
+        root = loader.get_single_node()
+        lines = _check_tree(root, source)
+        data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -96,23 +149,14 @@ def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
         raise ConfigError(
             f"{where}: malformed YAML: {problem}", hint="fix the YAML syntax at that line"
         ) from None
-    lines: dict[str, int] = {}
-
-    def walk(node: yaml.Node | None, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                sub = (*path, key_node.value)
-                lines[_dotted(sub)] = key_node.start_mark.line + 1
-                walk(value_node, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                sub = (*path, i)
-                lines[_dotted(sub)] = item.start_mark.line + 1
-                walk(item, sub)
-
-    walk(root, ())
-    data = yaml.load(text, Loader=_LineLoader) if root is not None else None
+    finally:
+        loader.dispose()
     return data, lines
+
+
+def safe_yaml_load(text: str, source: str) -> Any:
+    """yaml.safe_load with duplicate keys and alias bombs refused (ConfigError naming `source`)."""
+    return _load_yaml_with_lines(text, source)[0]
 
 
 def format_validation_errors(

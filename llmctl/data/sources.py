@@ -31,7 +31,7 @@ import orjson
 from datatrove.data import Document
 
 from llmctl.config.data import HF_DATASETS_PREFIX, DataConfig, SourceConfig
-from llmctl.errors import InputError
+from llmctl.errors import ConfigError, InputError
 from llmctl.reporting import Reporter
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".jsonl.zstd", ".ndjson")
@@ -278,12 +278,12 @@ def _select_data_files(
 def _readme_configs(readme: str | None) -> list[dict[str, Any]]:
     if not readme or not readme.startswith("---"):
         return []
-    import yaml
+    from llmctl.config.loading import safe_yaml_load
 
     end = readme.find("\n---", 3)
     try:
-        meta = yaml.safe_load(readme[3:end]) if end > 0 else None
-    except yaml.YAMLError:
+        meta = safe_yaml_load(readme[3:end], "README.md") if end > 0 else None
+    except ConfigError:  # a dataset card we cannot parse declares no configs
         return []
     configs = meta.get("configs") if isinstance(meta, dict) else None
     return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
