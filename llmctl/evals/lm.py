@@ -21,7 +21,6 @@ need no second forward at all.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,23 +51,6 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
-def _special_id(folder: Path, raw_config: dict, hf_tok, key: str) -> int | None:
-    """A special token id from config.json, else from tokenizer_config.json's token string."""
-    value = raw_config.get(f"{key}_token_id")
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if value is not None:
-        return int(value)
-    path = folder / "tokenizer_config.json"
-    if path.is_file():
-        token = json.loads(path.read_text()).get(f"{key}_token")
-        if isinstance(token, dict):
-            token = token.get("content")
-        if isinstance(token, str):
-            return hf_tok.token_to_id(token)
-    return None
-
-
 class EvalLM:
     """A Transformer plus its tokenizer, with the three operations evaluation needs."""
 
@@ -96,26 +78,13 @@ class EvalLM:
     def from_folder(
         cls, folder: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = torch.float32
     ) -> EvalLM:
-        """Load an HF-Llama model folder with its tokenizer.json (float32 by default, for exact scores)."""
-        import tokenizers
+        """Load an HF-Llama model folder with its tokenizer (float32 by default, for exact scores)."""
+        from llmctl.model.hf_tokenizer import load_folder_tokenizer
 
         folder = Path(folder)
+        tok = load_folder_tokenizer(folder)
         model, _ = load_model_folder(folder, device=device, dtype=dtype)
-        tok_path = folder / "tokenizer.json"
-        if not tok_path.is_file():
-            raise InputError(
-                f"{folder}: no tokenizer.json beside the weights",
-                hint="a model artifact carries its tokenizer; re-export or `llmctl import` the model",
-            )
-        hf_tok = tokenizers.Tokenizer.from_file(str(tok_path))
-        raw = json.loads((folder / "config.json").read_text())
-        return cls(
-            model,
-            hf_tok,
-            bos_id=_special_id(folder, raw, hf_tok, "bos"),
-            eos_id=_special_id(folder, raw, hf_tok, "eos"),
-            name=str(folder),
-        )
+        return cls(model, tok.tokenizer, bos_id=tok.bos_id, eos_id=tok.eos_id, name=str(folder))
 
     # -- tokenization ----------------------------------------------------------------------------
     def encode(self, text: str, special: bool = True) -> list[int]:

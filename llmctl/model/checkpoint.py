@@ -34,6 +34,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
+    "chat_template.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 

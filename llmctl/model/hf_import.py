@@ -37,6 +37,7 @@ from llmctl.model.checkpoint import (
     weight_files,
 )
 from llmctl.model.config import ModelConfig
+from llmctl.model.hf_tokenizer import CHAT_TEMPLATE_DIR
 from llmctl.reporting import Reporter
 
 SourceKind = Literal["folder", "hub", "gguf"]
@@ -210,6 +211,12 @@ def _copy_side_files(folder: Path, out_dir: Path) -> list[str]:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out_dir / name)
             copied.append(name)
+    named_templates = folder / CHAT_TEMPLATE_DIR
+    if named_templates.is_dir():
+        (out_dir / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+        for path in sorted(named_templates.glob("*.jinja")):
+            shutil.copyfile(path, out_dir / CHAT_TEMPLATE_DIR / path.name)
+            copied.append(f"{CHAT_TEMPLATE_DIR}/{path.name}")
     return copied
 
 
