@@ -51,11 +51,14 @@ def test_dedup_filter_reuse_lineage_and_samples(corpus_project):
     rows = {r["stage"]: r for r in pipeline.json()["stages"]}
     assert rows["dedup"]["reused"] is True and rows["filter"]["artifact"] == "filter:v0002"
 
+    assert rows["filter"]["inputs"] == {"corpus": "dedup:v0002"}
+
     listing = run_cli("artifacts", "ls", "--json", cwd=corpus_project).json()
+    # newest last, as the help says: in the order they were published, not grouped by stage
     assert [a["id"] for a in listing["artifacts"]] == [
         "dedup:v0001",
-        "dedup:v0002",
         "filter:v0001",
+        "dedup:v0002",
         "filter:v0002",
     ]
 

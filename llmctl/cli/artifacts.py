@@ -1,4 +1,4 @@
-"""`llmctl artifacts ls|show|lineage|rm|clean`: look into the workspace of versioned artifacts."""
+"""`llmctl artifacts ls|show|verify|lineage|rm|clean`: look into the workspace of versioned artifacts."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from llmctl.cli.options import JsonOption, YesOption, state_of
-from llmctl.errors import UsageError
+from llmctl.errors import InputError, UsageError
 
 artifacts_app = typer.Typer(help="List, inspect, trace and remove artifacts.", no_args_is_help=True)
 
@@ -52,7 +53,7 @@ def ls(
     stage: Annotated[str | None, typer.Argument(help="Only this stage's artifacts.")] = None,
     json_: JsonOption = False,
 ) -> None:
-    """List artifacts (newest last) and unpublished runs (failed, interrupted, incomplete).
+    """List artifacts (newest last), corrupt ones, and unpublished runs (failed, interrupted, incomplete).
 
     [bold]Examples[/]
       llmctl artifacts ls
@@ -60,7 +61,10 @@ def ls(
     """
     out = state_of(ctx).output(json_)
     ws = _workspace(ctx)
-    rows = [_summary(a) for a in ws.artifacts(stage)]
+    artifacts, corrupt = ws.scan(stage)
+    artifacts.sort(key=lambda a: (a.manifest.finished_at, a.stage, a.version))
+    rows = [_summary(a) for a in artifacts]
+    broken = [{"id": c.id, "stage": c.stage, "path": str(c.path), "error": c.error} for c in corrupt]
     runs = [
         {"stage": r.stage, "status": r.status, "started": r.started_at, "path": str(r.path), "error": r.error}
         for r in ws.runs(stage)
@@ -70,9 +74,18 @@ def ls(
         table = Table("id", "kind", "created", "size", "inputs")
         for row in rows:
             table.add_row(
-                row["id"], row["kind"], row["created"], _human_bytes(row["bytes"]), ", ".join(row["inputs"])
+                row["id"],
+                row["kind"],
+                row["created"],
+                _human_bytes(row["bytes"]),
+                Text(", ".join(row["inputs"])),
             )
         console.print(table if rows else "no artifacts yet")
+        if broken:
+            bad = Table("id", "error", title="corrupt artifacts (`llmctl artifacts rm ID` removes)")
+            for row in broken:
+                bad.add_row(row["id"], Text(row["error"]))
+            console.print(bad)
         if runs:
             runs_table = Table(
                 "unpublished run",
@@ -82,10 +95,10 @@ def ls(
                 title="runs (`llmctl artifacts clean` removes)",
             )
             for run in runs:
-                runs_table.add_row(run["path"], run["status"], run["started"], run["error"] or "")
+                runs_table.add_row(Text(run["path"]), run["status"], run["started"], Text(run["error"] or ""))
             console.print(runs_table)
 
-    out.result({"artifacts": rows, "runs": runs}, render)
+    out.result({"artifacts": rows, "corrupt": broken, "runs": runs}, render)
 
 
 @artifacts_app.command("show")
@@ -108,12 +121,16 @@ def show(
       llmctl artifacts show tokenize:v1 --encode "Hello world"
     """
     from llmctl.cli.inspect import artifact_extras
+    from llmctl.workspace.integrity import verify_files
 
     out = state_of(ctx).output(json_)
-    artifact = _workspace(ctx).resolve(ref)
+    ws = _workspace(ctx)
+    artifact = ws.resolve(ref, verify=False)  # show what changed instead of refusing to show it
     data: dict[str, Any] = artifact.manifest.model_dump(mode="json")
     data["path"] = str(artifact.path)
+    problems = verify_files(artifact.path, artifact.manifest.files, ws.hashes)
     extras = artifact_extras(artifact, samples=samples, encode=encode)
+    extras["integrity"] = {"ok": not problems, "problems": [p.describe() for p in problems]}
     data.update(extras)
 
     def render(console) -> None:
@@ -122,6 +139,77 @@ def show(
         render_artifact(console, artifact, extras)
 
     out.result(data, render)
+
+
+@artifacts_app.command("verify")
+def verify(
+    ctx: typer.Context,
+    ref: Annotated[str | None, typer.Argument(help="latest, STAGE:latest, STAGE:vN or a path.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Verify every artifact in the workspace.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Rehash an artifact's files and compare them with its manifest; exit 2 on any difference.
+
+    Every command that reads an artifact checks this too (cached by file size and time);
+    LLMCTL_NO_VERIFY=1 skips that check for artifacts edited on purpose.
+
+    [bold]Examples[/]
+      llmctl artifacts verify pretrain:latest
+      llmctl artifacts verify --all --json
+    """
+    from llmctl.workspace.integrity import verify_files
+
+    if (ref is None) == (not all_):
+        raise UsageError("give one artifact reference or --all", hint="llmctl artifacts verify --all")
+    out = state_of(ctx).output(json_)
+    ws = _workspace(ctx)
+    if all_:
+        artifacts, corrupt = ws.scan()
+    else:
+        artifacts, corrupt = [ws.resolve(ref, verify=False)], []
+    rows = []
+    for artifact in artifacts:
+        problems = verify_files(artifact.path, artifact.manifest.files, ws.hashes, rehash=True)
+        rows.append(
+            {
+                "id": artifact.id,
+                "path": str(artifact.path),
+                "files": len(artifact.manifest.files),
+                "ok": not problems,
+                "problems": [
+                    {"file": str(artifact.path / p.path), "problem": p.problem, "detail": p.describe()}
+                    for p in problems
+                ],
+            }
+        )
+    rows += [
+        {"id": c.id, "path": str(c.path), "files": None, "ok": False, "problems": [], "corrupt": c.error}
+        for c in corrupt
+    ]
+    bad = [row for row in rows if not row["ok"]]
+
+    def render(console) -> None:
+        table = Table("id", "files", "status")
+        for row in rows:
+            if row.get("corrupt"):
+                status = Text(f"corrupt manifest: {row['corrupt']}", "red")
+            elif row["problems"]:
+                status = Text("; ".join(p["detail"] for p in row["problems"]), "red")
+            else:
+                status = Text("ok", "green")
+            table.add_row(row["id"], "-" if row["files"] is None else str(row["files"]), status)
+        console.print(table if rows else "no artifacts yet")
+
+    out.result({"ok": not bad, "artifacts": rows}, render)
+    if bad and out.json_mode:
+        raise typer.Exit(code=2)
+    if bad:
+        first = bad[0]
+        where = first["problems"][0]["file"] if first["problems"] else first["path"]
+        raise InputError(
+            f"{where}: {len(bad)} artifact(s) do not match their manifests (first: {first['id']})",
+            hint="re-create them by running their stages again, or remove them with `llmctl artifacts rm`",
+        )
 
 
 @artifacts_app.command("lineage")
@@ -138,21 +226,30 @@ def lineage(
     """
     out = state_of(ctx).output(json_)
     ws = _workspace(ctx)
-    tree = ws.lineage(ws.resolve(ref))
+    tree = ws.lineage(ws.resolve(ref, verify=False))
 
     def add(branch: Tree, node: dict[str, Any]) -> None:
         for child in node.get("inputs", []):
-            label = f"{child['id']} [dim]({child['kind']}, as {child['slot']})[/]"
-            if child.get("missing"):
-                label += " [red]missing[/]"
+            label = Text.assemble(child["id"], (f" ({child['kind']}, as {child['slot']})", "dim"))
+            if child.get("copy_of"):
+                label.append(f" a copy of {child['copy_of']} at {child['path']}: ")
+                if child["original_missing"]:
+                    label.append("original no longer in the workspace", "yellow")
+                elif child["matches_original"]:
+                    label.append("matches the original", "green")
+                else:
+                    label.append("differs from the original", "red")
+            elif child.get("missing"):
+                label.append(" missing", "red")
             elif child.get("changed"):
-                label += " [yellow]changed since use[/]"
+                label.append(" changed since use", "yellow")
             add(branch.add(label), child)
         for source in node.get("sources", []):
-            branch.add(f"[green]source[/] {source.get('path') or source.get('repo') or source}")
+            where = str(source.get("path") or source.get("repo") or source)
+            branch.add(Text.assemble(("source", "green"), " ", where))
 
     def render(console) -> None:
-        root = Tree(f"[bold]{tree['id']}[/] [dim]({tree['kind']})[/]")
+        root = Tree(Text.assemble((tree["id"], "bold"), (f" ({tree['kind']})", "dim")))
         add(root, tree)
         console.print(root)
 
@@ -178,7 +275,7 @@ def rm(
         raise UsageError(f"refusing to remove {ref!r}", hint="name the version, e.g. dedup:v3")
     out = state_of(ctx).output(json_)
     ws = _workspace(ctx)
-    artifact = ws.resolve(ref)
+    artifact = ws.find_corrupt(ref) or ws.resolve(ref, verify=False)
     users = ws.remove(artifact, force=force)
     out.result(
         {"removed": artifact.id, "dependents": users},
@@ -193,27 +290,65 @@ def rm(
 def clean(
     ctx: typer.Context,
     stage: Annotated[str | None, typer.Argument(help="Only this stage's runs.")] = None,
+    resumable: Annotated[
+        bool,
+        typer.Option("--resumable", help="Also delete unpublished runs that `--resume` could continue."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be deleted; delete nothing.")
+    ] = False,
     yes: YesOption = False,
     json_: JsonOption = False,
 ) -> None:
-    """Delete failed, interrupted and incomplete runs (never published artifacts, never live runs).
+    """Delete failed, interrupted and incomplete runs, checkpoints of published runs, and half-deleted
+    artifact folders. Never published artifacts, never live runs; runs that `--resume` can continue
+    are kept unless --resumable.
 
     [bold]Examples[/]
+      llmctl artifacts clean --dry-run
       llmctl artifacts clean --yes
-      llmctl artifacts clean pretrain --yes
+      llmctl artifacts clean pretrain --resumable --yes
     """
     out = state_of(ctx).output(json_)
     ws = _workspace(ctx)
-    doomed = [r for r in ws.runs(stage) if r.status not in ("running", "running?")]
-    if doomed and not yes:
+    doomed = ws.leftovers(stage, resumable=resumable)
+    total = sum(item.bytes for item in doomed)
+    if doomed and not yes and not dry_run:
         if not sys.stdin.isatty():
-            raise UsageError(f"would delete {len(doomed)} run(s); confirmation needed", hint="add --yes")
-        typer.confirm(f"Delete {len(doomed)} unpublished run(s)?", abort=True)
-    removed = ws.clean_runs(stage)
-    out.result(
-        {"removed": [str(r.path) for r in removed]},
-        lambda console: console.print(f"removed {len(removed)} run(s)"),
-    )
+            raise UsageError(
+                f"would delete {len(doomed)} item(s), {_human_bytes(total)}; confirmation needed",
+                hint="add --yes, or --dry-run to list them",
+            )
+        _render_leftovers(out.stderr, doomed)
+        typer.confirm(f"Delete {len(doomed)} item(s), {_human_bytes(total)}?", abort=True)
+    removed = [] if dry_run else ws.clean(doomed)
+    listed = doomed if dry_run else removed
+    data = {
+        "dry_run": dry_run,
+        "removed": [
+            {"path": str(i.path), "what": i.what, "stage": i.stage, "bytes": i.bytes} for i in removed
+        ],
+        "would_remove": [
+            {"path": str(i.path), "what": i.what, "stage": i.stage, "bytes": i.bytes}
+            for i in (doomed if dry_run else [])
+        ],
+        "bytes": sum(i.bytes for i in listed),
+    }
+
+    def render(console) -> None:
+        if listed:
+            _render_leftovers(console, listed)
+        verb = "would remove" if dry_run else "removed"
+        console.print(f"{verb} {len(listed)} item(s), {_human_bytes(data['bytes'])}")
+
+    out.result(data, render)
+
+
+def _render_leftovers(console, items) -> None:
+    table = Table("path", "what", "size")
+    for item in items:
+        table.add_row(Text(str(item.path)), item.what, _human_bytes(item.bytes))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,8 @@
-"""`llmctl run`: the project's stages in pipeline order, skipping those that are up to date."""
+"""`llmctl run`: the project's stages in pipeline order, skipping those that are up to date.
+
+Each stage consumes exactly the artifact the previous stage of this run produced or reused (chained
+by id, see `llmctl.stages.runner.run_pipeline`); the summary says which.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
 from llmctl.errors import UsageError
@@ -18,6 +23,7 @@ def outcome_row(outcome) -> dict[str, Any]:
         "artifact": artifact.id,
         "reused": outcome.reused,
         "seconds": round(outcome.seconds, 2),
+        "inputs": dict(outcome.inputs),
         "path": str(artifact.path),
         "metrics": artifact.manifest.metrics,
     }
@@ -41,7 +47,7 @@ def run(
       llmctl run --from pretrain --force --set pretrain.max_steps=50
     """
     from llmctl.stages import pipeline_stages
-    from llmctl.stages.runner import run_stage
+    from llmctl.stages.runner import run_pipeline
 
     state = state_of(ctx)
     out = state.output(json_)
@@ -55,21 +61,18 @@ def run(
     if start >= stop:
         raise UsageError(f"--from {from_} comes after --until {until}")
     selected = names[start:stop]
-    reporter = out.reporter()
-    rows = []
-    for i, name in enumerate(selected, 1):
-        reporter.log(f"[{i}/{len(selected)}] {name}")
-        outcome = run_stage(name, config, folder, force=force, reporter=reporter)
-        rows.append(outcome_row(outcome))
+    outcomes = run_pipeline(selected, config, folder, force=force, reporter=out.reporter())
+    rows = [outcome_row(outcome) for outcome in outcomes]
 
     def render(console) -> None:
-        table = Table("stage", "artifact", "status", "seconds")
+        table = Table("stage", "artifact", "status", "seconds", "input")
         for row in rows:
             table.add_row(
                 row["stage"],
                 row["artifact"],
                 "up to date" if row["reused"] else "new",
                 f"{row['seconds']:.1f}",
+                Text(", ".join(f"{slot}={ref}" for slot, ref in row["inputs"].items()) or "-"),
             )
         console.print(table)
 

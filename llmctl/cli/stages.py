@@ -180,7 +180,7 @@ def pretrain(
         config, folder = state_of(ctx).load_project(sets)
         plan = plan_stage("pretrain", config, folder, refs=refs)
         grad_accum_steps(config.pretrain, gpus * nodes)  # a batch that cannot split fails here, once
-        if force or resume or plan.up_to_date() is None:
+        if force or (resume and plan.resumable_run()) or plan.up_to_date() is None:
             launch = {
                 "gpus": gpus,
                 "nodes": nodes,

@@ -6,6 +6,9 @@
 
 The stage works in a run folder; only a run that returns normally is published (atomic rename).
 An exception marks the run failed, Ctrl-C/SIGTERM marks it interrupted; neither leaves an artifact.
+The up-to-date check, the run and the publish happen under a lock keyed by stage, config and inputs,
+so two identical runs started at once publish one artifact. `run_pipeline` chains stages by id: each
+consumes exactly what the previous stage of the same pipeline produced or reused.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,8 @@ from llmctl import __version__
 from llmctl.errors import ConfigError, InputError, Interrupted, LlmctlError
 from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
-from llmctl.stages.registry import STAGES, Stage
+from llmctl.stages.registry import STAGES, InputSlot, Stage
+from llmctl.workspace.integrity import NO_VERIFY_ENV, verification_disabled
 from llmctl.workspace.manifest import (
     MANIFEST_FILE,
     FileRecord,
@@ -32,7 +36,7 @@ from llmctl.workspace.manifest import (
     now_iso,
     stable_hash,
 )
-from llmctl.workspace.store import Artifact, Workspace
+from llmctl.workspace.store import Artifact, RunInfo, Workspace
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class StageOutcome:
     artifact: Artifact
     reused: bool
     seconds: float
+    inputs: dict[str, str] = field(default_factory=dict)  # slot -> consumed artifact id (or data.sources)
 
 
 def workspace_for(project: Any, project_dir: Path) -> Workspace:
@@ -67,19 +72,43 @@ def resolve_inputs(
         if ref is None and slot.config_key and section is not None:
             ref = getattr(section, slot.config_key, None)
         if ref is None:
-            ref = next((f"{s}:latest" for s in slot.default_stages if workspace.artifacts(s)), None)
+            ref = _default_ref(stage, slot, workspace)
         if ref is None:
-            if slot.required and not slot.sources_fallback:
-                makers = " or ".join(f"`llmctl {s}`" for s in slot.default_stages) or "an earlier stage"
-                raise InputError(
-                    f"{stage.name} needs a {'/'.join(slot.kinds)} artifact ({slot.name}) and none exists",
-                    hint=f"run {makers} first, or pass a reference",
-                )
             resolved[slot.name] = None
             continue
         resolved[slot.name] = workspace.resolve(ref, kinds=slot.kinds)
         used_refs.append((slot.name, ref))
     return resolved, used_refs
+
+
+def _default_ref(stage: Stage, slot: InputSlot, workspace: Workspace) -> str | None:
+    """`S:latest` for the first default stage S with an artifact (a corrupt one counts, so resolving
+    refuses it). A default stage that was run but never published (failed, interrupted, still
+    running) stops the search: silently reading an older stage, or the raw sources, would feed this
+    stage data the user did not mean."""
+    for name in slot.default_stages:
+        if workspace.artifacts(name) or workspace.corrupt(name):
+            return f"{name}:latest"
+        pending = workspace.runs(name)
+        if pending:
+            run = pending[-1]
+            why = f": {run.error}" if run.error else ""
+            running = run.status in ("running", "running?")
+            raise InputError(
+                f"{stage.name} needs the {'/'.join(slot.kinds)} artifact of `{name}`, which has none: "
+                f"its last run is {run.status}{why} ({run.path})",
+                hint=f"wait for that run to finish, then run `llmctl {stage.name}` again"
+                if running
+                else f"fix it and run `llmctl {name}` again; `llmctl artifacts clean {name} --yes` "
+                f"forgets the unpublished run",
+            )
+    if slot.required and not slot.sources_fallback:
+        makers = " or ".join(f"`llmctl {s}`" for s in slot.default_stages) or "an earlier stage"
+        raise InputError(
+            f"{stage.name} needs a {'/'.join(slot.kinds)} artifact ({slot.name}) and none exists",
+            hint=f"run {makers} first, or pass a reference",
+        )
+    return None
 
 
 def _uses_sources(stage: Stage, inputs: dict[str, Artifact | None]) -> bool:
@@ -148,6 +177,22 @@ class StagePlan:
     def up_to_date(self) -> Artifact | None:
         return self.workspace.find_up_to_date(self.stage.name, self.config_hash, self.input_key)
 
+    def resumable_run(self) -> RunInfo | None:
+        """The newest unfinished run of this stage with the same config, which --resume continues."""
+        runs = [
+            r
+            for r in self.workspace.runs(self.stage.name)
+            if r.status in ("incomplete", "interrupted", "failed") and r.config_hash == self.config_hash
+        ]
+        return runs[-1] if runs else None
+
+    def consumed(self) -> dict[str, str]:
+        """What this stage reads, for run summaries: slot -> artifact id, or data.sources."""
+        consumed = {r.slot: r.id for r in self.input_records}
+        if self.sources:
+            consumed["sources"] = "data.sources"
+        return consumed
+
 
 def plan_stage(
     name: str,
@@ -172,9 +217,7 @@ def plan_stage(
         sources = source_fingerprint(project.data, project_dir)
     config = config_snapshot(stage, project, uses_sources, options)
     input_records = [
-        InputRecord(slot=slot, ref=ref, id=art.id, kind=art.kind, manifest_sha256=art.manifest_sha256())
-        for slot, ref in used_refs
-        if (art := inputs[slot]) is not None
+        workspace.input_record(slot, ref, art) for slot, ref in used_refs if (art := inputs[slot]) is not None
     ]
     return StagePlan(
         stage=stage,
@@ -199,48 +242,68 @@ def run_stage(
     reporter: Reporter | None = None,
     options: dict[str, Any] | None = None,
 ) -> StageOutcome:
-    """Run stage `name` (or reuse its up-to-date artifact) and return the artifact."""
+    """Run stage `name` (or reuse its up-to-date artifact) and return the artifact.
+
+    `resume` continues the newest unfinished run with this config; with none, an up-to-date
+    artifact is reused as in a plain run. `force` always starts a new run (with `resume`: start over).
+    """
     reporter = reporter or Reporter()
     plan = plan_stage(name, project, project_dir, refs=refs, options=options)
-    stage, workspace, inputs = plan.stage, plan.workspace, plan.inputs
-    config, config_hash, input_key = plan.config, plan.config_hash, plan.input_key
-    input_records, sources = plan.input_records, plan.sources
+    if force:
+        return _execute(plan, project, project_dir, reporter, options, resume=False)
 
-    if not force and not resume:
-        existing = plan.up_to_date()
-        if existing is not None:
-            reporter.log(f"{stage.name}: up to date ({existing.id}); use --force to run again")
-            return StageOutcome(existing, reused=True, seconds=0.0)
+    def waiting() -> None:
+        reporter.log(f"{name}: an identical {name} run is in progress; waiting for it")
 
+    with plan.workspace.run_lock(name, stable_hash([plan.config_hash, plan.input_key]), waiting):
+        if not (resume and plan.resumable_run()):
+            existing = plan.up_to_date()
+            if existing is not None:
+                why = "nothing to resume; " if resume else ""
+                reporter.log(f"{name}: {why}up to date ({existing.id}); use --force to run again")
+                return StageOutcome(existing, reused=True, seconds=0.0, inputs=plan.consumed())
+        return _execute(plan, project, project_dir, reporter, options, resume=resume)
+
+
+def _execute(
+    plan: StagePlan,
+    project: Any,
+    project_dir: Path,
+    reporter: Reporter,
+    options: dict[str, Any] | None,
+    *,
+    resume: bool,
+) -> StageOutcome:
+    """Run the stage in a run folder (new, or reopened for resume) and publish its output."""
+    stage, workspace = plan.stage, plan.workspace
     resumed = False
     run_dir = None
     if resume:
-        candidates = [
-            r for r in workspace.runs(stage.name) if r.status in ("incomplete", "interrupted", "failed")
-        ]
-        matching = [r for r in candidates if r.config_hash == config_hash]
-        if candidates and not matching:
-            reporter.warn(f"{stage.name}: unfinished runs exist but none with this config; starting fresh")
-        if matching:
-            run_dir = workspace.reopen_run(matching[-1])
+        run = plan.resumable_run()
+        if run is not None:
+            run_dir = workspace.reopen_run(run)
             resumed = True
             reporter.log(f"{stage.name}: resuming {run_dir}")
+        elif any(r.status in ("incomplete", "interrupted", "failed") for r in workspace.runs(stage.name)):
+            reporter.warn(f"{stage.name}: unfinished runs exist but none with this config; starting fresh")
         else:
             reporter.log(f"{stage.name}: nothing to resume; starting a new run")
     if run_dir is None:
-        run_dir = workspace.begin_run(stage.name, config_hash, {"input_key": input_key})
+        run_dir = workspace.begin_run(stage.name, plan.config_hash, {"input_key": plan.input_key})
 
     ctx = StageContext(
         stage=stage,
         project=project,
         project_dir=project_dir,
         workspace=workspace,
-        inputs=inputs,
+        inputs=plan.inputs,
         run_dir=run_dir,
         reporter=reporter,
         resumed=resumed,
         options=dict(options or {}),
     )
+    if plan.input_records and verification_disabled():
+        ctx.note(f"{stage.name}: input files not checked against their manifests ({NO_VERIFY_ENV}=1)")
     started_at, t0 = now_iso(), time.perf_counter()
     try:
         run = stage.load_run()
@@ -268,10 +331,10 @@ def run_stage(
             "llmctl_version": __version__,
             "project": getattr(project, "name", None),
             "project_git_commit": _git_commit(project_dir),
-            "config": config,
-            "config_hash": config_hash,
-            "inputs": input_records,
-            "sources": sources,
+            "config": plan.config,
+            "config_hash": plan.config_hash,
+            "inputs": plan.input_records,
+            "sources": plan.sources,
             "files": _file_records(ctx.output_dir),
             "metrics": {**(metrics or {}), "stage_seconds": round(seconds, 3)},
             "environment": environment_info(ctx.device),
@@ -281,4 +344,42 @@ def run_stage(
     if not stage.keeps_run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
     reporter.log(f"{stage.name}: published {artifact.id} in {seconds:.1f}s")
-    return StageOutcome(artifact, reused=False, seconds=seconds)
+    return StageOutcome(artifact, reused=False, seconds=seconds, inputs=plan.consumed())
+
+
+def run_pipeline(
+    names: list[str],
+    project: Any,
+    project_dir: Path,
+    *,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> list[StageOutcome]:
+    """Run stages in order, each consuming by id what an earlier stage of this pipeline produced or
+    reused, never `STAGE:latest` (which a concurrent run, or an older reused artifact, makes wrong).
+    Inputs from stages outside `names` resolve as in a single stage run. `options` maps a stage name
+    to its per-invocation options."""
+    reporter = reporter or Reporter()
+    produced: dict[str, Artifact] = {}
+    outcomes = []
+    for i, name in enumerate(names, 1):
+        reporter.log(f"[{i}/{len(names)}] {name}")
+        stage = get_stage(name)
+        refs = {}
+        for slot in stage.inputs:
+            upstream = next((s for s in slot.default_stages if s in produced), None)
+            if upstream is not None:
+                refs[slot.name] = produced[upstream].id
+        outcome = run_stage(
+            name,
+            project,
+            project_dir,
+            refs=refs,
+            force=force,
+            reporter=reporter,
+            options=(options or {}).get(name),
+        )
+        produced[name] = outcome.artifact
+        outcomes.append(outcome)
+    return outcomes

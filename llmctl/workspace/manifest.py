@@ -18,7 +18,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+# 2: inputs given by path record their content hash and the artifact they are a copy of.
+# Version 1 manifests read unchanged (the new fields are optional).
+SCHEMA_VERSION = 2
 
 
 class InputRecord(BaseModel):
@@ -30,6 +32,15 @@ class InputRecord(BaseModel):
     id: str = Field(description="Resolved artifact id, e.g. dedup:v0003.")
     kind: str = Field(description="Artifact kind of the input.")
     manifest_sha256: str = Field(description="sha256 of the input's manifest.json.")
+    content_sha256: str | None = Field(
+        default=None, description="Hash of the input's files (relative paths and sha256s)."
+    )
+    copy_of: str | None = Field(
+        default=None,
+        description="For an input given by a path outside the workspace: the artifact id its manifest "
+        "claims. `id` is then copy:<content hash>, never the claimed id.",
+    )
+    path: str | None = Field(default=None, description="The folder, for an input given by path.")
 
 
 class FileRecord(BaseModel):
@@ -75,7 +86,7 @@ def inputs_key(inputs: list[InputRecord], sources: list[dict[str, Any]]) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def stable_hash(obj: Any) -> str:
