@@ -103,7 +103,7 @@ def eval_(
     ] = None,
     minimum: Annotated[
         list[str] | None,
-        typer.Option("--min", help="Gate: exit 1 when TASK[/METRIC] scores below SCORE. Repeatable."),
+        typer.Option("--min", help="Gate: exit 1 when TASK (or TASK/METRIC) scores below SCORE. Repeatable."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Few-shot sampling seed.")] = None,
     force: ForceOption = False,

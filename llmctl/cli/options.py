@@ -36,6 +36,8 @@ class CliState:
     json: bool = False
     quiet: bool = False
     verbose: bool = False
+    # The project folder once a command has found it (environment errors name it when the OS doesn't).
+    resolved_project: Path | None = None
 
     def output(self, json_flag: bool = False) -> Output:
         if json_flag:
@@ -43,6 +45,10 @@ class CliState:
         return Output(json_mode=self.json, quiet=self.quiet, verbose=self.verbose)
 
     def project_dir(self) -> Path:
+        self.resolved_project = self._find_project_dir()
+        return self.resolved_project
+
+    def _find_project_dir(self) -> Path:
         from llmctl.config.loading import PROJECT_FILE, find_project_dir
 
         if self.project_option is not None:
