@@ -7,6 +7,7 @@ files (tokenizer.json, tokenizer_config.json, chat_template.jinja), read by the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,3 +44,23 @@ def load_model(folder: Path, *, device: str = "cpu", dtype: Any = None) -> Loade
     tok = load_folder_tokenizer(folder)  # first: a folder without a tokenizer fails before the weights load
     model, cfg = load_model_folder(folder, device=device, dtype=dtype)
     return LoadedModel(engine=Engine(model, tok.tokenizer), tok=tok, config=cfg)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0", '"': '"', "'": "'"}
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.)", re.DOTALL)
+
+
+def unescape(text: str) -> str:
+    r"""Interpret the usual escapes a shell leaves in a quoted argument: \n \t \r \\ \0 \" \' \xHH \uHHHH.
+
+    `--stop "\n"` reaches the program as backslash + n; a stop string of a newline is what was meant.
+    Any other backslash sequence is kept as it is.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        code = match.group(1)
+        if code[0] in "ux" and len(code) > 1:
+            return chr(int(code[1:], 16))
+        return _ESCAPES.get(code, match.group(0))
+
+    return _ESCAPE.sub(replace, text)

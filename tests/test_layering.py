@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llmctl"
-LEAVES = {"llmctl", "llmctl.errors", "llmctl.reporting"}
+LEAVES = {"llmctl", "llmctl.errors", "llmctl.reporting", "llmctl.threads"}
 
 # For each area, the llmctl areas it may import (besides the leaves).
 ALLOWED = {

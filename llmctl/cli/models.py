@@ -26,15 +26,33 @@ def plain_model_folder(ref: str) -> Path | None:
     return None
 
 
-def model_folder(ctx: typer.Context, ref: str) -> Path:
-    """A model artifact's folder, or a plain HF model folder given by path (works outside projects)."""
+def model_folder(ctx: typer.Context, ref: str) -> tuple[Path, str]:
+    """A model artifact's folder and its id (what `latest` resolved to), or a plain HF model folder
+    given by path and that path (works outside projects)."""
     plain = plain_model_folder(ref)
     if plain is not None:
-        return plain
+        return plain, str(plain)
     from llmctl.stages.runner import workspace_for
 
     config, folder = state_of(ctx).load_project()
-    return workspace_for(config, folder).resolve(ref, kinds=("model",)).path
+    artifact = workspace_for(config, folder).resolve(ref, kinds=("model",))
+    return artifact.path, artifact.id
+
+
+def _load(ctx: typer.Context, out, ckpt: str, threads: int | None):
+    """Resolve and load the model, say which one on stderr, and size torch's threads to it."""
+    from llmctl.inference import load_model
+    from llmctl.model.config import num_params
+    from llmctl.threads import apply_threads, choose_threads
+
+    folder, label = model_folder(ctx, ckpt)
+    out.reporter().log(f"model: {label}")
+    loaded = load_model(folder)
+    # A decode step does about one multiply-add per parameter.
+    used = apply_threads(choose_threads(threads, work=num_params(loaded.config)))
+    if threads is not None and used < threads:
+        out.reporter().log(f"threads: {used} (--threads {threads} is more than the {used} core(s) available)")
+    return loaded, label
 
 
 def import_(
@@ -72,6 +90,7 @@ def _sampling(
     seed: int | None,
     stop_ids: tuple[int, ...],
 ):
+    from llmctl.inference import unescape
     from llmctl.model.engine import SamplingParams
 
     return SamplingParams(
@@ -80,7 +99,7 @@ def _sampling(
         top_k=top_k,
         top_p=top_p,
         repetition_penalty=repetition_penalty,
-        stop_strings=tuple(stop or ()),
+        stop_strings=tuple(unescape(s) for s in stop or ()),
         stop_token_ids=stop_ids,
         seed=seed,
     )
@@ -91,8 +110,24 @@ Temperature = Annotated[float, typer.Option("--temperature", "-t", help="0 = gre
 TopK = Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens (0 = off).")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1.0 = off).")]
 RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
-Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--stop",
+        help=r"Stop string (repeatable). Escapes are interpreted: \n newline, \t tab, \r, \\ backslash, "
+        r"\xHH, \uHHHH; e.g. --stop '\n' stops at the end of the line.",
+    ),
+]
 Seed = Annotated[int | None, typer.Option("--seed", help="Sampling seed.")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads (default: the cores available to this process, fewer for small models; "
+        "never more than the cores).",
+        show_default=False,
+    ),
+]
 
 
 def generate(
@@ -106,6 +141,7 @@ def generate(
     repetition_penalty: RepPenalty = 1.0,
     stop: Stop = None,
     seed: Seed = None,
+    threads: Threads = None,
     json_: JsonOption = False,
 ) -> None:
     """Continue a prompt with a model, streaming tokens as they come.
@@ -115,11 +151,9 @@ def generate(
       llmctl generate "Once upon a time" -t 0.8 --top-p 0.95 --seed 1 -n 200
       llmctl generate "2 + 2 =" --ckpt ./my-hf-model --stop "\\n" --json
     """
-    from llmctl.inference import load_model
-
     state = state_of(ctx)
     out = state.output(json_)
-    loaded = load_model(model_folder(ctx, ckpt))
+    loaded, label = _load(ctx, out, ckpt, threads)
     params = _sampling(
         max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, loaded.stop_token_ids()
     )
@@ -152,6 +186,7 @@ def generate(
     else:
         out.result(
             {
+                "model": label,
                 "prompt": prompt,
                 "text": completion.text,
                 "tokens": completion.tokens,
@@ -166,6 +201,21 @@ def generate(
         )
 
 
+def _user_turns(interactive: bool):
+    """User messages until an empty line or end of input; prompts `you> ` only for a person."""
+    while True:
+        try:
+            user = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and not user:  # end of input
+            return
+        user = user.rstrip("\n")
+        if not user.strip():
+            return
+        yield user
+
+
 def chat(
     ctx: typer.Context,
     ckpt: CkptOption = "latest",
@@ -173,34 +223,49 @@ def chat(
     max_new_tokens: MaxNew = 256,
     temperature: Temperature = 0.7,
     top_p: TopP = 0.9,
+    stop: Stop = None,
     seed: Seed = None,
+    threads: Threads = None,
+    json_: JsonOption = False,
 ) -> None:
     """Chat with a model in the terminal, using its tokenizer's chat template. Empty line or Ctrl-D quits.
+
+    With --json nothing is interactive: user turns come from stdin, one per line, up to an empty line.
+    One JSON document with the whole transcript is printed at the end.
 
     [bold]Examples[/]
       llmctl chat --ckpt import:latest
       llmctl chat --ckpt sft:latest --system "You are terse." -t 0
+      printf 'Hi!\\nWhat is 2+2?\\n' | llmctl chat --ckpt import:latest -t 0 --json
     """
-    from llmctl.inference import load_model
-
-    loaded = load_model(model_folder(ctx, ckpt))
-    params = _sampling(max_new_tokens, temperature, 0, top_p, 1.0, None, seed, loaded.stop_token_ids())
+    state = state_of(ctx)
+    out = state.output(json_)
+    loaded, label = _load(ctx, out, ckpt, threads)
+    params = _sampling(max_new_tokens, temperature, 0, top_p, 1.0, stop, seed, loaded.stop_token_ids())
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    while True:
-        try:
-            user = input("you> ")
-        except EOFError:
-            break
-        if not user.strip():
-            break
+    replies: list[dict[str, object]] = []
+    streaming = not out.json_mode
+
+    def show(event) -> None:
+        if streaming:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+
+    for user in _user_turns(interactive=streaming):
         messages.append({"role": "user", "content": user})
-        prompt_ids = loaded.tokenizer.encode(loaded.render_chat(messages), add_special_tokens=False).ids
-        sys.stdout.write("model> ")
-        [completion] = loaded.engine.generate(
-            [prompt_ids], params, on_token=lambda e: (sys.stdout.write(e.text), sys.stdout.flush())
+        prompt_ids = loaded.tok.encode_chat(messages)
+        if streaming:
+            sys.stdout.write("model> ")
+        [completion] = loaded.engine.generate([prompt_ids], params, on_token=show)
+        if streaming:
+            sys.stdout.write("\n")
+        text = completion.text or ""
+        messages.append({"role": "assistant", "content": text})
+        replies.append(
+            {"text": text, "tokens": len(completion.tokens), "finish_reason": completion.finish_reason}
         )
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": completion.text or ""})
+    if not streaming:
+        out.result({"model": label, "messages": messages, "replies": replies})
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,111 @@
+"""How many CPU threads torch may use: the cores this process can really run on, split by the work.
+
+`os.cpu_count()` counts the machine, not what the process is allowed: a `taskset` / cpuset affinity
+mask or a container's CPU quota (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`) can leave far fewer.
+Running more compute threads than cores makes OpenMP's barrier threads spin while the thread they
+wait for is descheduled, which measured 10-20x slower, not a little (benchmarks/bench_threads.py).
+
+    available_cores()                         # affinity mask, capped by the cgroup quota
+    choose_threads(None, processes=8)         # this process's share of the cores
+    apply_threads(choose_threads(4))          # torch.set_num_threads
+
+Imports nothing from llmctl, so every layer (model, train, evals, stages, cli) can use it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Below this many multiply-adds per parallel op a second thread costs more than it saves (measured
+# on decode steps: a 1M-parameter model decodes fastest on one thread, a 135M one on all cores).
+MIN_WORK_PER_THREAD = 2_000_000
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
+    """controller (or "" for the v2 unified hierarchy) -> this process's cgroup path."""
+    paths: dict[str, str] = {}
+    for line in (_read(proc_cgroup) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                paths[controller] = parts[2]
+    return paths
+
+
+def _ancestors(root: Path, rel: str) -> list[Path]:
+    """The cgroup folder of `rel` under root and every folder above it up to root (each may limit)."""
+    folder = root / rel.lstrip("/")
+    if not folder.is_dir():  # inside a container the process's own cgroup is mounted at root
+        return [root]
+    out = [folder]
+    while folder != root and root in folder.parents:
+        folder = folder.parent
+        out.append(folder)
+    return out
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs the cgroup quota allows (e.g. 1.5), or None when unlimited or unknown."""
+    paths = _cgroup_paths(proc_cgroup)
+    limits: list[float] = []
+    if "" in paths:  # cgroup v2: cpu.max is "QUOTA PERIOD" or "max PERIOD"
+        base = root if (root / "cgroup.controllers").is_file() else root / "unified"
+        for folder in _ancestors(base, paths[""]):
+            fields = (_read(folder / "cpu.max") or "").split()
+            if len(fields) == 2 and fields[0] != "max":
+                limits.append(int(fields[0]) / int(fields[1]))
+    if "cpu" in paths:  # cgroup v1: cfs quota and period in microseconds; quota -1 is unlimited
+        mounts = [m for m in (root / "cpu", root / "cpu,cpuacct") if m.is_dir()]
+        for folder in _ancestors(mounts[0], paths["cpu"]) if mounts else []:
+            quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+            if quota and period and quota.isdigit() and int(quota) > 0 and int(period) > 0:
+                limits.append(int(quota) / int(period))
+    return min(limits) if limits else None
+
+
+def available_cores() -> int:
+    """Cores this process may use: its affinity mask, capped by the cgroup CPU quota (rounded up)."""
+    # macOS and Windows have no affinity API: every core counts there.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def choose_threads(requested: int | None = None, *, processes: int = 1, work: int | None = None) -> int:
+    """Torch compute threads for one of `processes` processes sharing this process's cores.
+
+    `requested` (a --threads option or config key) wins but is capped at the share: more threads
+    than cores is never faster. Without it: the share, capped by OMP_NUM_THREADS when set, and
+    reduced for small `work` (multiply-adds per parallel op, e.g. a model's parameter count for a
+    decode step), where threads cost more than they save.
+    """
+    share = max(1, available_cores() // max(1, processes))
+    if requested is not None and requested > 0:
+        return min(requested, share)
+    threads = share
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        threads = min(threads, int(env))
+    if work is not None:
+        threads = min(threads, max(1, work // MIN_WORK_PER_THREAD))
+    return threads
+
+
+def apply_threads(threads: int) -> int:
+    """Make torch use `threads` compute threads; returns it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return threads
