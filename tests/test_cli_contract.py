@@ -80,3 +80,68 @@ def test_every_command_has_a_working_help():
 def test_bare_llmctl_shows_help():
     result = run_cli()
     assert result.code == 0 and "Usage: llmctl" in result.stdout
+
+
+def _one_error_and_hint(result, code: int = 2) -> tuple[str, str]:
+    """The contract for a failure: exit `code`, exactly an `Error:` line and a `Hint:` line, no box."""
+    assert result.code == code, (result.code, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Error: ") and lines[1].startswith("Hint: "), result.stderr
+    assert not any(ch in result.stderr for ch in "╭│╰"), result.stderr
+    return lines[0], lines[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "hint"),
+    [
+        (["rnu"], "unknown command 'rnu' for `llmctl`", "did you mean `llmctl run`?"),
+        (["frobnicate"], "unknown command 'frobnicate'", "commands: init, run, dedup"),
+        (["artifacts", "lsit"], "unknown command 'lsit' for `llmctl artifacts`", "`llmctl artifacts ls`"),
+        (["sft"], "`llmctl sft` is not available yet in this version", "planned: sft, dpo, grpo"),
+        (["serve"], "`llmctl serve` is not available yet", "available now: init, run"),
+        (["pretrain", "--gpu", "2"], "unknown option --gpu for `llmctl pretrain`", "did you mean --gpus?"),
+        (["pretrain", "--bogus"], "unknown option --bogus for `llmctl pretrain`", "`llmctl pretrain --help`"),
+        (["artifacts", "show"], "missing argument REF for `llmctl artifacts show`", "llmctl artifacts show "),
+        (
+            ["pretrain", "--gpus", "x"],
+            "bad value for --gpus of `llmctl pretrain`",
+            "llmctl pretrain --gpus 8",
+        ),
+        (["config"], "`llmctl config` needs a command", "one of: validate, show, schema"),
+        (["--show-completion", "tcsh"], "bad value for --show-completion", "`llmctl --help`"),
+    ],
+)
+def test_usage_errors_are_one_error_line_and_a_hint(args, error, hint):
+    first, second = _one_error_and_hint(run_cli(*args))
+    assert error in first and hint in second, (first, second)
+    as_json = run_cli("--json", *args)
+    assert as_json.code == 2
+    doc = as_json.json()  # exactly one document: json.loads refuses trailing text
+    assert doc["ok"] is False and doc["error"]["exit_code"] == 2 and doc["error"]["type"] == "UsageError"
+    assert error in doc["error"]["message"] and hint in doc["error"]["hint"]
+
+
+def test_json_after_the_command_also_turns_usage_errors_into_json():
+    result = run_cli("artifacts", "show", "--json")
+    assert result.code == 2 and result.json()["error"]["message"].startswith("missing argument REF")
+
+
+def test_version_as_json():
+    for args in (["--json", "--version"], ["--version", "--json"]):
+        result = run_cli(*args)
+        assert result.code == 0 and result.json() == {"version": __version__}
+
+
+def test_every_command_under_json_prints_exactly_one_document(tmp_path):
+    """Each leaf command with only `--json`, in an empty project: a result or an error, one document."""
+    project = write_project(tmp_path / "p")
+    arg_lists = [["--json", *path] for path in leaf_paths()]
+    for args, result in zip(arg_lists, run_many(arg_lists, cwd=project), strict=True):
+        shown = " ".join(args)
+        try:
+            doc = json.loads(result.stdout)
+        except ValueError:
+            pytest.fail(f"llmctl {shown}: stdout is not one JSON document:\n{result.stdout}\n{result.stderr}")
+        if result.code != 0:
+            assert doc["ok"] is False and doc["error"]["exit_code"] == result.code, (shown, doc)
+            assert "internal error" not in doc["error"]["message"], (shown, doc)

@@ -50,18 +50,20 @@ def _option_names(ctx: Any) -> list[str]:
     return names
 
 
-def first_example(ctx: Any) -> str | None:
-    """The first `llmctl ...` line of the command's help (every command lists real examples)."""
+def first_example(ctx: Any, using: list[str] | None = None) -> str | None:
+    """The first `llmctl ...` line of the command's help (every command lists real examples),
+    preferring one that uses any of the option names in `using`."""
     command = getattr(ctx, "command", None)
-    for line in (getattr(command, "help", None) or "").splitlines():
-        line = line.split("  #")[0].strip()
-        if line.startswith("llmctl "):
+    lines = [line.split("  #")[0].strip() for line in (getattr(command, "help", None) or "").splitlines()]
+    examples = [line for line in lines if line.startswith("llmctl ")]
+    for line in examples:
+        if any(name in line.split() for name in using or []):
             return line
-    return None
+    return examples[0] if examples else None
 
 
-def _help_hint(ctx: Any) -> str:
-    example = first_example(ctx)
+def _help_hint(ctx: Any, param: Any = None) -> str:
+    example = first_example(ctx, list(getattr(param, "opts", None) or []))
     more = f"`{_command_path(ctx)} --help` shows the usage"
     return f"e.g. `{example}`; {more}" if example else more
 
@@ -113,12 +115,13 @@ def usage_error(exc: Any) -> UsageError:
     if param is not None and message.startswith("Missing"):
         kind = "argument" if getattr(param, "param_type_name", "") == "argument" else "option value"
         return UsageError(
-            f"missing {kind} {_param_label(param)} for `{_command_path(ctx)}`", hint=_help_hint(ctx)
+            f"missing {kind} {_param_label(param)} for `{_command_path(ctx)}`", hint=_help_hint(ctx, param)
         )
     if param is not None:
         detail = re.sub(r"^Invalid value for [^:]*:\s*", "", message).rstrip(".")
         return UsageError(
-            f"bad value for {_param_label(param)} of `{_command_path(ctx)}`: {detail}", hint=_help_hint(ctx)
+            f"bad value for {_param_label(param)} of `{_command_path(ctx)}`: {detail}",
+            hint=_help_hint(ctx, param),
         )
     text = message.rstrip(".")
     return UsageError(text[:1].lower() + text[1:], hint=_help_hint(ctx))

@@ -214,6 +214,11 @@ def plan_stage(
     if uses_sources:
         from llmctl.data.sources import source_fingerprint
 
+        if project.data is None:
+            raise ConfigError(
+                f"{stage.name} reads the project's data sources, and llmctl.yaml has no `data:` section",
+                hint="add `data: {sources: [{path: data/docs.jsonl}]}` to llmctl.yaml (see `llmctl init`)",
+            )
         sources = source_fingerprint(project.data, project_dir)
     config = config_snapshot(stage, project, uses_sources, options)
     input_records = [
