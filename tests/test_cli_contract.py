@@ -145,3 +145,45 @@ def test_every_command_under_json_prints_exactly_one_document(tmp_path):
         if result.code != 0:
             assert doc["ok"] is False and doc["error"]["exit_code"] == result.code, (shown, doc)
             assert "internal error" not in doc["error"]["message"], (shown, doc)
+
+
+@pytest.mark.parametrize("name", ["br [/x]", "exp [v2]"])
+def test_folder_names_are_never_read_as_markup(tmp_path, small_corpus, name):
+    made = run_cli("init", name, "--template", "tiny", cwd=tmp_path)
+    assert made.code == 0, made.stderr
+    assert f"{tmp_path / name}" in made.stdout and f"cd {name} " in made.stdout, made.stdout
+
+    project = write_project(
+        tmp_path / "runs" / name, f"data:\n  sources:\n    - path: {small_corpus / 'docs.jsonl'}\n"
+    )
+    folder = str(project / "workspace" / "artifacts" / "dedup" / "v0001")
+    dedup = run_cli("dedup", cwd=project)
+    assert dedup.code == 0, dedup.stderr
+    assert folder in dedup.stdout, dedup.stdout
+    for args in (
+        ["artifacts", "ls"],
+        ["artifacts", "show", "dedup:latest"],
+        ["artifacts", "lineage", "dedup:v1"],
+    ):
+        result = run_cli(*args, cwd=project)
+        assert result.code == 0, (args, result.stderr)
+        assert "dedup:v0001" in result.stdout, (args, result.stdout)
+    shown = run_cli("artifacts", "show", "dedup:latest", cwd=project)
+    assert folder in shown.stdout.replace("\n", ""), shown.stdout
+
+
+def test_data_keys_and_errors_are_never_read_as_markup(tmp_path):
+    source = tmp_path / "odd.jsonl"
+    source.write_text("".join(json.dumps({"[/x]": f"document {i} [bold]"}) + "\n" for i in range(20)))
+    project = write_project(tmp_path / "p", f"data:\n  sources:\n    - path: {source}\n")
+    failed = run_cli("dedup", cwd=project)  # no `text` key: the error (and the failed run) names '[/x]'
+    assert failed.code == 2 and "keys present: '[/x]'" in failed.stderr, failed.stderr
+    listing = run_cli("artifacts", "ls", cwd=project)
+    assert listing.code == 0, listing.stderr
+    assert "failed" in listing.stdout and "[/x]" in listing.stdout, listing.stdout
+
+    write_project(project, f"data:\n  sources:\n    - path: {source}\n      text_key: '[/x]'\n")
+    assert run_cli("dedup", cwd=project).code == 0
+    shown = run_cli("artifacts", "show", "dedup:latest", "--samples", "2", cwd=project)
+    assert shown.code == 0, shown.stderr
+    assert "[bold]" in shown.stdout, shown.stdout

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from llmctl.cli.models import CkptOption
 from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
@@ -44,7 +45,7 @@ def _render_results(results: dict[str, Any], failures: list[str]):
                 )
         console.print(table)
         for line in failures:
-            console.print(f"[red]gate failed:[/] {line}", highlight=False)
+            console.print(Text.assemble(("gate failed: ", "red"), line))
 
     return render
 

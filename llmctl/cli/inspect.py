@@ -95,7 +95,7 @@ def render_metrics(console: Console, metrics: dict[str, Any]) -> None:
 def render_artifact(console: Console, artifact, extras: dict[str, Any]) -> None:
     m = artifact.manifest
     head = Table.grid(padding=(0, 2))
-    head.add_row("[bold]id[/]", m.id)
+    head.add_row(Text("id", "bold"), m.id)
     head.add_row("kind", m.kind)
     head.add_row("path", Text(str(artifact.path)))
     head.add_row("created", f"{m.started_at} → {m.finished_at}")
@@ -115,7 +115,7 @@ def render_artifact(console: Console, artifact, extras: dict[str, Any]) -> None:
     head.add_row("files", f"{len(m.files)} ({sum(f.bytes for f in m.files):,} bytes)")
     problems = extras.get("integrity", {}).get("problems", [])
     if problems:
-        head.add_row("[red]integrity[/]", Text("changed since published: " + "; ".join(problems), "red"))
+        head.add_row(Text("integrity", "red"), Text("changed since published: " + "; ".join(problems), "red"))
     else:
         head.add_row("integrity", "files match the manifest")
     console.print(head)
@@ -127,10 +127,10 @@ def render_artifact(console: Console, artifact, extras: dict[str, Any]) -> None:
     if sampled:
         table = Table("", "id", "reason", "text", title="samples")
         for doc in sampled.get("kept", []):
-            table.add_row("[green]kept[/]", Text(doc["id"]), "", Text(_short(doc["text"])))
+            table.add_row(Text("kept", "green"), Text(doc["id"]), "", Text(_short(doc["text"])))
         for doc in sampled.get("excluded", []):
             table.add_row(
-                "[red]dropped[/]",
+                Text("dropped", "red"),
                 Text(doc["id"]),
                 Text(str(doc.get("reason") or "")),
                 Text(_short(doc["text"])),

@@ -3,6 +3,9 @@
 Data is either rendered for people (rich tables/text) or printed as exactly one JSON document
 (`--json`). Logs, warnings, progress and hints go to stderr. Progress is a rich bar on a TTY and
 plain, rate-limited lines otherwise (or with --json), so logs of batch jobs stay readable.
+
+Markup is off on every console: paths, keys, document text and model output are printed as they
+are (a folder named `br [/x]` is not a closing tag). Styling is explicit, with `Text` and `style=`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from rich.text import Text
 
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.reporting import ProgressTask, Reporter
+
+
+def console(*, stderr: bool = False, highlight: bool = True) -> Console:
+    """A console that never reads markup in what it prints (user data is data)."""
+    return Console(stderr=stderr, soft_wrap=True, markup=False, highlight=highlight)
 
 
 def _fields_text(fields: dict[str, Any]) -> str:
@@ -136,14 +144,14 @@ class CliReporter(Reporter):
             return _PlainTask(self._console, description, total, unit, self._interval)
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
+                TextColumn("{task.description}", style="bold", markup=False),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TaskProgressColumn(),
                 _RateColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
+                TextColumn("{task.fields[info]}", markup=False),
                 console=self._console,
                 transient=False,
             )
@@ -165,8 +173,8 @@ class Output:
         self.json_mode = json_mode
         self.quiet = quiet
         self.verbose = verbose
-        self.stdout = Console(soft_wrap=True)
-        self.stderr = Console(stderr=True, soft_wrap=True)
+        self.stdout = console()
+        self.stderr = console(stderr=True)
 
     def reporter(self) -> CliReporter:
         plain = self.json_mode or not self.stderr.is_terminal
@@ -201,7 +209,7 @@ class Output:
             }
             sys.stdout.write(json.dumps(doc, indent=2) + "\n")
             sys.stdout.flush()
-        err = Console(stderr=True, soft_wrap=True, highlight=False)
+        err = console(stderr=True, highlight=False)
         err.print(Text.assemble(("Error: ", "bold red"), exc.message))
         for line in errors:
             err.print(Text(f"  {line}"))

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
 from llmctl.cli.pipeline import outcome_row
@@ -21,7 +22,7 @@ InputOption = Annotated[
 def _render_outcome(row: dict[str, Any]):
     def render(console) -> None:
         status = "up to date" if row["reused"] else f"published in {row['seconds']:.1f}s"
-        console.print(f"[bold]{row['artifact']}[/] {status}  [dim]{row['path']}[/]", highlight=False)
+        console.print(Text.assemble((row["artifact"], "bold"), f" {status}  ", (row["path"], "dim")))
         metrics = {k: v for k, v in row["metrics"].items() if not isinstance(v, dict | list)}
         if metrics:
             table = Table("metric", "value")
