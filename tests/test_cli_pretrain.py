@@ -20,16 +20,22 @@ SMALL = [
 @pytest.mark.slow
 def test_pretrain_two_processes_through_torchrun(corpus_project):
     assert run_cli("tokenize", *SMALL, cwd=corpus_project).code == 0
-    result = run_cli("pretrain", "--gpus", "2", "--json", *SMALL, cwd=corpus_project, timeout=600)
+    result = run_cli(
+        "pretrain", "--gpus", "2", "--device", "cpu", "--json", *SMALL, cwd=corpus_project, timeout=600
+    )
     assert result.code == 0, result.stderr[-3000:]
     doc = result.json()
     assert doc["artifact"] == "pretrain:v0001"
     assert doc["metrics"]["world_size"] == 2 and doc["metrics"]["steps"] == 4
     # Up to date: reused in the parent, no processes started.
-    again = run_cli("pretrain", "--gpus", "2", "--json", *SMALL, cwd=corpus_project)
+    again = run_cli("pretrain", "--gpus", "2", "--device", "cpu", "--json", *SMALL, cwd=corpus_project)
     assert again.code == 0 and again.json()["reused"] is True
+    # --resume with nothing to resume reports the up-to-date artifact too, without starting processes.
+    resumed = run_cli("pretrain", "--gpus", "2", "--resume", "--json", *SMALL, cwd=corpus_project)
+    assert resumed.code == 0 and resumed.json()["reused"] is True, resumed.stderr[-2000:]
+    assert "nothing to resume; up to date (pretrain:v0001)" in resumed.stderr
 
-    bad = run_cli("pretrain", "--gpus", "3", "--force", *SMALL, cwd=corpus_project)
+    bad = run_cli("pretrain", "--gpus", "3", "--device", "cpu", "--force", *SMALL, cwd=corpus_project)
     assert bad.code == 2 and "not a multiple" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -39,3 +45,24 @@ def test_pretrain_without_tokens_says_what_to_run(tmp_path):
     project = write_project(tmp_path / "p")
     result = run_cli("pretrain", cwd=project)
     assert result.code == 2 and "llmctl tokenize" in result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_gpus_without_cuda_is_refused_unless_device_cpu(corpus_project, json_mode):
+    flags = ["--json"] if json_mode else []
+    refused = run_cli(*flags, "pretrain", "--gpus", "8", *SMALL, cwd=corpus_project, timeout=60)
+    assert refused.code == 2
+    if json_mode:
+        error = refused.json()["error"]
+        assert "no CUDA device found" in error["message"] and "--device cpu" in error["hint"]
+    else:
+        assert "Error: --gpus 8: no CUDA device found" in refused.stderr
+        assert "--device cpu" in refused.stderr and "process(es) on cpu" not in refused.stderr
+    assert not (corpus_project / "workspace" / "runs").exists() or not any(
+        (corpus_project / "workspace" / "runs").glob("pretrain*")
+    )
+    asked_cuda = run_cli("pretrain", "--device", "cuda", *SMALL, cwd=corpus_project, timeout=60)
+    assert asked_cuda.code == 2 and "no CUDA device was found" in asked_cuda.stderr
+    bad_value = run_cli("pretrain", "--device", "tpu", *SMALL, cwd=corpus_project, timeout=60)
+    assert bad_value.code == 2 and "pretrain.device" in bad_value.stderr

@@ -8,13 +8,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from llmctl.cli.completion import complete_refs
 from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
 from llmctl.cli.pipeline import outcome_row
 
 InputOption = Annotated[
     str | None,
     typer.Option(
-        "--input", "-i", help="Input artifact reference (default: the newest from the previous stage)."
+        "--input",
+        "-i",
+        help="Input artifact reference (default: the newest from the previous stage).",
+        autocompletion=complete_refs(),
     ),
 ]
 
@@ -139,7 +143,12 @@ def pretrain(
     ctx: typer.Context,
     input_: InputOption = None,
     init: Annotated[
-        str | None, typer.Option("--init", help="Model artifact to continue from (default: pretrain.init).")
+        str | None,
+        typer.Option(
+            "--init",
+            help="Model artifact to continue from (default: pretrain.init).",
+            autocompletion=complete_refs(("model",)),
+        ),
     ] = None,
     gpus: Annotated[
         int, typer.Option("--gpus", help="Processes on this node (relaunches under torchrun).")
@@ -154,6 +163,14 @@ def pretrain(
         str | None, typer.Option("--master-addr", help="Rank-0 node address (multi-node).")
     ] = None,
     master_port: Annotated[int, typer.Option("--master-port", help="Rendezvous port (multi-node).")] = 29500,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="auto, cpu or cuda (sets pretrain.device). --gpus N without a GPU needs --device cpu.",
+            show_default=False,
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")] = False,
     force: ForceOption = False,
     sets: SetOption = None,
@@ -164,21 +181,28 @@ def pretrain(
     [bold]Examples[/]
       llmctl pretrain
       llmctl pretrain --gpus 8 --set pretrain.model.preset=gpt2-small
+      llmctl pretrain --gpus 2 --device cpu          # two CPU processes (gloo), e.g. to test DDP
       llmctl pretrain --resume
       llmctl pretrain --nodes 2 --node-rank 0 --master-addr node001 --gpus 8
     """
     import sys
 
     from llmctl.stages.runner import plan_stage
-    from llmctl.train.distributed import env_rank, in_torchrun, maybe_relaunch
+    from llmctl.train.distributed import check_launch, env_rank, in_torchrun, maybe_relaunch, resolve_device
 
     refs = {k: v for k, v in {"data": input_, "init": init}.items() if v}
+    if device is not None:
+        sets = [*(sets or []), f"pretrain.device={device}"]  # validated with the config, like --set
+    if not in_torchrun():
+        # A device that is not there fails first, before inputs are resolved or processes start.
+        config, folder = state_of(ctx).load_project(sets)
+        check_launch(gpus, nodes, config.pretrain.device)
+        resolve_device(config.pretrain.device)
     if not in_torchrun() and gpus * nodes > 1:
         # Resolve inputs once, here: a bad reference must fail before N processes start, and an
         # up-to-date artifact must be reused here (rank 0 would skip training; the others would wait).
         from llmctl.stages.pretrain import grad_accum_steps
 
-        config, folder = state_of(ctx).load_project(sets)
         plan = plan_stage("pretrain", config, folder, refs=refs)
         grad_accum_steps(config.pretrain, gpus * nodes)  # a batch that cannot split fails here, once
         if force or (resume and plan.resumable_run()) or plan.up_to_date() is None:
@@ -188,6 +212,7 @@ def pretrain(
                 "node_rank": node_rank,
                 "master_addr": master_addr,
                 "master_port": master_port,
+                "device": config.pretrain.device,
             }
             code = maybe_relaunch(sys.argv, launch)
             if code is not None:

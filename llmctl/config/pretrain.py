@@ -163,6 +163,17 @@ class PretrainConfig(Section):
         "NaN/inf; 0 disables the spike test (NaN/inf are always skipped).",
     )
     max_bad_steps: int = Field(5, ge=1, description="Abort after this many consecutive skipped steps.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where to train: auto = CUDA when there is a GPU, else CPU. Multi-process CPU runs "
+        "(--gpus N without GPUs) need cpu, set explicitly.",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads per process (unset: the cores available to this process, split among "
+        "the processes on this node; never more than the cores).",
+    )
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="Multi-process wrapping: ddp, fsdp (FSDP2 fully_shard), auto = ddp."
     )

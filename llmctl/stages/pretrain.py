@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from llmctl.model.checkpoint import load_model_folder, read_model_config, save_s
 from llmctl.model.config import ModelConfig, flops_per_token, from_depth, num_params, preset, suggested_lr
 from llmctl.model.transformer import Transformer
 from llmctl.reporting import Reporter
+from llmctl.threads import apply_threads, choose_threads
 from llmctl.train import distributed as D
 from llmctl.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -84,7 +84,7 @@ class TrainResult:
 
 def run(ctx) -> dict[str, Any]:
     """Stage entry point (rank 0 only; other ranks use `run_worker`)."""
-    info = D.init_distributed()
+    info = D.init_distributed(device=ctx.config.device)
     assert info.is_main, f"rank {info.rank} must call run_worker, not the stage runner"
     data = ctx.inputs.get("data")
     if data is None:
@@ -127,7 +127,7 @@ def run(ctx) -> dict[str, Any]:
 
 def run_worker(config: PretrainConfig, reporter: Reporter | None = None) -> None:
     """The training loop on a rank > 0 under torchrun: receive the Job from rank 0, train, publish nothing."""
-    info = D.init_distributed()
+    info = D.init_distributed(device=config.device)
     assert not info.is_main, "rank 0 runs the stage through the runner (llmctl.stages.runner.run_stage)"
     job = D.broadcast_object(None)
     try:
@@ -188,14 +188,6 @@ def grad_accum_steps(cfg: PretrainConfig, world_size: int) -> int:
             hint=f"set pretrain.batch_tokens={lo} (or {lo + per_pass}), or change micro_batch_size/seq_len",
         )
     return cfg.batch_tokens // per_pass
-
-
-def cpu_threads(local_world_size: int) -> int:
-    """Torch threads per process: the cores split among this node's processes, capped by
-    OMP_NUM_THREADS when set. Never more than the cores: oversubscribing measured 10x slower."""
-    threads = max(1, (os.cpu_count() or 1) // local_world_size)
-    cap = os.environ.get("OMP_NUM_THREADS", "")
-    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
 
 
 def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
@@ -282,7 +274,7 @@ def train(
 
     # -- setup: threads and precision
     if info.device == "cpu":
-        torch.set_num_threads(cpu_threads(info.local_world_size))
+        apply_threads(choose_threads(cfg.threads, processes=info.local_world_size))
     device_type = "cuda" if info.device.startswith("cuda") else "cpu"
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     if dtype == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():

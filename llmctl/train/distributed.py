@@ -12,7 +12,8 @@ How a multi-GPU run works (no launcher script to write):
    runner (run folder, publish); other ranks run only the training loop (see
    `llmctl.stages.pretrain.run_worker`) and publish nothing.
 
-On a machine without CUDA, `--gpus N` starts N CPU processes with the gloo backend (tests use this).
+`--gpus N` needs N CUDA devices; N CPU processes (gloo backend, e.g. to test DDP/FSDP on a laptop, as the
+tests do) must be asked for with `--device cpu`: a missing GPU is an error, never a silent CPU run.
 Checkpoints are read by every rank from the run folder, so multi-node runs need a shared filesystem
 for the workspace (the usual SLURM setup).
 """
@@ -78,11 +79,7 @@ def relaunch_command(argv: list[str], options: dict[str, Any]) -> list[str] | No
         raise UsageError(f"--gpus and --nodes must be >= 1 (got {gpus}, {nodes})")
     if gpus == 1 and nodes == 1:
         return None
-    if torch.cuda.is_available() and gpus > torch.cuda.device_count():
-        raise UsageError(
-            f"--gpus {gpus} but this machine has {torch.cuda.device_count()} CUDA device(s)",
-            hint=f"use --gpus {torch.cuda.device_count()}",
-        )
+    check_launch(gpus, nodes, options.get("device") or "auto")
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if nodes == 1:
         cmd.append("--standalone")
@@ -101,6 +98,47 @@ def relaunch_command(argv: list[str], options: dict[str, Any]) -> list[str] | No
     return [*cmd, f"--nproc-per-node={gpus}", "-m", "llmctl", *argv[1:]]
 
 
+def resolve_device(device: str = "auto") -> str:
+    """The device type for a `pretrain.device` value: auto = cuda when there is one, else cpu."""
+    if device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise UsageError(
+            f"pretrain.device is cuda but no CUDA device was found ({_cuda_build()})",
+            hint="set pretrain.device=cpu (or auto), or run on a machine with a GPU",
+        )
+    return "cpu"
+
+
+def _cuda_build() -> str:
+    return f"torch {torch.__version__}, " + (
+        f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    )
+
+
+def check_launch(gpus: int, nodes: int, device: str = "auto") -> None:
+    """Refuse a multi-process launch that cannot get what it asks for, before any process starts.
+
+    `--gpus N` means N GPUs: without CUDA it is an error (silently running N CPU processes hid a
+    missing driver), unless CPU processes are asked for explicitly with device cpu.
+    """
+    if gpus * nodes <= 1 or device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"--gpus {gpus}: no CUDA device found ({_cuda_build()})",
+            hint=f"to run {gpus} CPU processes (gloo) instead, add --device cpu; "
+            "for GPUs, check the driver (nvidia-smi) and install a CUDA build of torch",
+        )
+    if gpus > torch.cuda.device_count():
+        raise UsageError(
+            f"--gpus {gpus} but this machine has {torch.cuda.device_count()} CUDA device(s)",
+            hint=f"use --gpus {torch.cuda.device_count()}",
+        )
+
+
 def maybe_relaunch(argv: list[str], options: dict[str, Any]) -> int | None:
     """Re-run this command under torchrun when more than one process is asked for.
 
@@ -112,15 +150,18 @@ def maybe_relaunch(argv: list[str], options: dict[str, Any]) -> int | None:
     cmd = relaunch_command(argv, options)
     if cmd is None:
         return None
+    from llmctl.threads import choose_threads
+
     env = dict(os.environ)
-    # Each child sets its own torch thread count; keep OpenMP from starting cores x procs threads.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(options.get("gpus") or 1))))
+    # Each child starts OpenMP with this many threads: its share of the cores, not all of them each.
+    env["OMP_NUM_THREADS"] = str(choose_threads(processes=int(options.get("gpus") or 1)))
     return subprocess.run(cmd, env=env).returncode
 
 
-def init_distributed(timeout_s: float = 1800) -> DistInfo:
-    """Join the process group when under torchrun (NCCL on CUDA, gloo on CPU); else a 1-process info."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def init_distributed(timeout_s: float = 1800, device: str = "auto") -> DistInfo:
+    """Join the process group when under torchrun (NCCL on CUDA, gloo on CPU); else a 1-process info.
+    `device` is `pretrain.device` (auto, cpu or cuda)."""
+    device = resolve_device(device)
     if not in_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(device=device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
