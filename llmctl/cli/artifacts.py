@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from llmctl.cli.completion import complete_refs, complete_stages
 from llmctl.cli.options import JsonOption, YesOption, state_of
 from llmctl.errors import InputError, UsageError
 
@@ -50,7 +51,9 @@ def _summary(artifact) -> dict[str, Any]:
 @artifacts_app.command("ls")
 def ls(
     ctx: typer.Context,
-    stage: Annotated[str | None, typer.Argument(help="Only this stage's artifacts.")] = None,
+    stage: Annotated[
+        str | None, typer.Argument(help="Only this stage's artifacts.", autocompletion=complete_stages())
+    ] = None,
     json_: JsonOption = False,
 ) -> None:
     """List artifacts (newest last), corrupt ones, and unpublished runs (failed, interrupted, incomplete).
@@ -104,7 +107,9 @@ def ls(
 @artifacts_app.command("show")
 def show(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="latest, STAGE:latest, STAGE:vN or a path.")],
+    ref: Annotated[
+        str, typer.Argument(help="latest, STAGE:latest, STAGE:vN or a path.", autocompletion=complete_refs())
+    ],
     samples: Annotated[
         int, typer.Option("--samples", help="Show N example documents (corpus artifacts).")
     ] = 0,
@@ -144,7 +149,10 @@ def show(
 @artifacts_app.command("verify")
 def verify(
     ctx: typer.Context,
-    ref: Annotated[str | None, typer.Argument(help="latest, STAGE:latest, STAGE:vN or a path.")] = None,
+    ref: Annotated[
+        str | None,
+        typer.Argument(help="latest, STAGE:latest, STAGE:vN or a path.", autocompletion=complete_refs()),
+    ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Verify every artifact in the workspace.")] = False,
     json_: JsonOption = False,
 ) -> None:
@@ -215,7 +223,9 @@ def verify(
 @artifacts_app.command("lineage")
 def lineage(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="latest, STAGE:latest, STAGE:vN or a path.")],
+    ref: Annotated[
+        str, typer.Argument(help="latest, STAGE:latest, STAGE:vN or a path.", autocompletion=complete_refs())
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Show the tree of inputs of an artifact, down to the raw data sources.
@@ -259,7 +269,12 @@ def lineage(
 @artifacts_app.command("rm")
 def rm(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="STAGE:vN or a path (not `latest`, to avoid surprises).")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            help="STAGE:vN or a path (not `latest`, to avoid surprises).", autocompletion=complete_refs()
+        ),
+    ],
     force: Annotated[
         bool, typer.Option("--force", help="Remove even if other artifacts depend on it.")
     ] = False,
@@ -289,7 +304,9 @@ def rm(
 @artifacts_app.command("clean")
 def clean(
     ctx: typer.Context,
-    stage: Annotated[str | None, typer.Argument(help="Only this stage's runs.")] = None,
+    stage: Annotated[
+        str | None, typer.Argument(help="Only this stage's runs.", autocompletion=complete_stages())
+    ] = None,
     resumable: Annotated[
         bool,
         typer.Option("--resumable", help="Also delete unpublished runs that `--resume` could continue."),

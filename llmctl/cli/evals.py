@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from llmctl.cli.completion import complete_refs
 from llmctl.cli.models import CkptOption
 from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
 from llmctl.errors import UsageError
@@ -89,7 +90,11 @@ def eval_(
     ckpt: CkptOption = "latest",
     data: Annotated[
         str | None,
-        typer.Option("--data", help="Tokens artifact for perplexity (default: the newest tokenize)."),
+        typer.Option(
+            "--data",
+            help="Tokens artifact for perplexity (default: the newest tokenize).",
+            autocompletion=complete_refs(("tokens",)),
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="At most N items per task.")] = None,
     shots: Annotated[int | None, typer.Option("--shots", help="Few-shot examples (mmlu, gsm8k).")] = None,

@@ -10,11 +10,17 @@ from typing import Annotated, Any
 
 import typer
 
+from llmctl.cli.completion import complete_refs
 from llmctl.cli.options import ForceOption, JsonOption, state_of
 from llmctl.errors import UsageError
 
 CkptOption = Annotated[
-    str, typer.Option("--ckpt", help="Model: latest, pretrain:vN, import:latest, ... or an HF model folder.")
+    str,
+    typer.Option(
+        "--ckpt",
+        help="Model: latest, pretrain:vN, import:latest, ... or an HF model folder.",
+        autocompletion=complete_refs(("model",)),
+    ),
 ]
 
 

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from llmctl.cli.completion import complete_stages
 from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
 from llmctl.errors import UsageError
 
@@ -31,8 +32,18 @@ def outcome_row(outcome) -> dict[str, Any]:
 
 def run(
     ctx: typer.Context,
-    from_: Annotated[str | None, typer.Option("--from", help="Start at this stage.")] = None,
-    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="Start at this stage.", autocompletion=complete_stages(pipeline_only=True)
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until", help="Stop after this stage.", autocompletion=complete_stages(pipeline_only=True)
+        ),
+    ] = None,
     force: ForceOption = False,
     sets: SetOption = None,
     json_: JsonOption = False,
