@@ -31,7 +31,9 @@ def test_pretrain_two_processes_through_torchrun(corpus_project):
     again = run_cli("pretrain", "--gpus", "2", "--device", "cpu", "--json", *SMALL, cwd=corpus_project)
     assert again.code == 0 and again.json()["reused"] is True
     # --resume with nothing to resume reports the up-to-date artifact too, without starting processes.
-    resumed = run_cli("pretrain", "--gpus", "2", "--resume", "--json", *SMALL, cwd=corpus_project)
+    resumed = run_cli(
+        "pretrain", "--gpus", "2", "--device", "cpu", "--resume", "--json", *SMALL, cwd=corpus_project
+    )
     assert resumed.code == 0 and resumed.json()["reused"] is True, resumed.stderr[-2000:]
     assert "nothing to resume; up to date (pretrain:v0001)" in resumed.stderr
 
