@@ -79,7 +79,7 @@ def ls(
             table.add_row(
                 row["id"],
                 row["kind"],
-                row["created"],
+                row["created"][:19].replace("T", " "),
                 _human_bytes(row["bytes"]),
                 Text(", ".join(row["inputs"])),
             )
