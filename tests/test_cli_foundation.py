@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO, run_cli, write_project
+from conftest import run_cli, write_project
 
 from llmctl import __version__
 
@@ -107,13 +107,3 @@ def test_artifacts_on_an_empty_workspace(tmp_path):
     nested = tmp_path / "p" / "sub" / "dir"
     nested.mkdir(parents=True)
     assert run_cli("artifacts", "ls", cwd=nested).code == 0  # found by walking up, as git does
-
-
-def test_completions_are_current():
-    for shell, name in (("bash", "llmctl.bash"), ("zsh", "_llmctl"), ("fish", "llmctl.fish")):
-        fresh = run_cli("--show-completion", shell, env=None)
-        assert fresh.code == 0, fresh.stderr
-        stored = (REPO / "completions" / name).read_text()
-        assert fresh.stdout == stored, (
-            f"completions/{name} is stale: regenerate it (see completions/README.md)"
-        )
