@@ -17,6 +17,11 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     stages = {row["stage"]: row for row in result.json()["stages"]}
     assert list(stages) == ["dedup", "filter", "tokenize", "pretrain", "eval"]
     assert all(row["artifact"].endswith(":v0001") and not row["reused"] for row in stages.values())
+    # the summary says what each stage consumed: what the stage before it in this run produced
+    assert stages["filter"]["inputs"] == {"corpus": "dedup:v0001"}
+    assert stages["tokenize"]["inputs"] == {"corpus": "filter:v0001"}
+    assert stages["pretrain"]["inputs"] == {"data": "tokenize:v0001"}
+    assert stages["eval"]["inputs"] == {"model": "pretrain:v0001", "data": "tokenize:v0001"}
 
     dedup = stages["dedup"]["metrics"]
     assert dedup["exact_duplicates"] > 0 and dedup["near_duplicates"] > 0
