@@ -8,6 +8,9 @@ user text (folder names, keys) is never read as rich markup; environment errors 
 from __future__ import annotations
 
 import json
+import resource
+import shlex
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -187,3 +190,91 @@ def test_data_keys_and_errors_are_never_read_as_markup(tmp_path):
     shown = run_cli("artifacts", "show", "dedup:latest", "--samples", "2", cwd=project)
     assert shown.code == 0, shown.stderr
     assert "[bold]" in shown.stdout, shown.stdout
+
+
+def _can_unshare_mounts() -> bool:
+    probe = (
+        subprocess.run(["unshare", "-m", "true"], capture_output=True) if shutil.which("unshare") else None
+    )
+    return probe is not None and probe.returncode == 0
+
+
+needs_mounts = pytest.mark.skipif(
+    not _can_unshare_mounts(), reason="needs `unshare -m` (root in a private mount namespace)"
+)
+
+
+def _in_private_mounts(setup: str, project: Path, *args: str):
+    """Run llmctl inside a private mount namespace after `setup` (mounts vanish with the process)."""
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "llmctl", *args])
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"{setup} && cd {shlex.quote(str(project))} && {command}"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
+    from conftest import CliResult
+
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _source_project(folder: Path, corpus: Path) -> Path:
+    return write_project(folder, f"data:\n  sources:\n    - path: {corpus / 'docs.jsonl'}\n")
+
+
+def test_file_size_limit_is_an_environment_error_not_a_bug(tmp_path, small_corpus):
+    project = _source_project(tmp_path / "p", small_corpus)
+
+    def limit_file_size():  # as `ulimit -f 40` would; Python ignores SIGXFSZ, so writes fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, 40 * 1024))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmctl", "dedup"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        preexec_fn=limit_file_size,
+        timeout=300,
+    )
+    error = [line for line in proc.stderr.splitlines() if line.startswith(("Error:", "Hint:"))]
+    assert proc.returncode == 2, proc.stderr
+    assert error == [
+        f"Error: file too large for this system's limits (while writing under {project})",
+        "Hint: raise the file size limit (ulimit -f)",
+    ], proc.stderr
+
+
+@needs_mounts
+def test_read_only_project_is_an_environment_error(tmp_path, small_corpus):
+    project = _source_project(tmp_path / "ro", small_corpus)
+    where = shlex.quote(str(project))
+    result = _in_private_mounts(
+        f"mount --bind {where} {where} && mount -o remount,ro,bind {where}", project, "--json", "dedup"
+    )
+    assert result.code == 2, result.stderr
+    error = result.json()["error"]
+    assert error["message"] == f"read-only file system: {project / 'workspace'}"
+    assert "please report" not in result.stderr and "writable" in error["hint"]
+
+
+@needs_mounts
+def test_full_disk_is_an_environment_error(tmp_path, small_corpus):
+    project = tmp_path / "full"
+    project.mkdir()
+    yaml_text = f"name: t\ndata:\n  sources:\n    - path: {small_corpus / 'docs.jsonl'}\n"
+    where = shlex.quote(str(project))
+    setup = f"mount -t tmpfs -o size=64k tmpfs {where} && printf %s {shlex.quote(yaml_text)} > {where}/llmctl.yaml"
+    result = _in_private_mounts(setup, project, "dedup")
+    assert result.code == 2, result.stderr
+    assert f"Error: no space left on the device (while writing under {project})" in result.stderr
+    assert "Hint: free disk space" in result.stderr and "please report" not in result.stderr
+
+
+def test_memory_errors_are_environment_errors():
+    from llmctl.cli.error_mapping import environment_error
+
+    problem = environment_error(MemoryError(), None)
+    assert problem is not None and problem.exit_code == 2 and problem.message.startswith("out of memory")
+    assert environment_error(ValueError("bug"), None) is None  # a bare bug stays a bug

@@ -151,15 +151,13 @@ def environment_error(exc: BaseException, project: Path | None) -> EnvironmentPr
     if not isinstance(exc, OSError) or exc.errno not in _ENV_ERRNOS:
         return None
     what, hint = _ENV_ERRNOS[exc.errno]
-    paths = [p for p in (exc.filename, exc.filename2) if p]
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p]
     if paths:
-        where = " -> ".join(str(p) for p in paths)
-    elif project is not None:
-        # write() and flush() don't say which file; the project's workspace is where llmctl writes.
-        where = f"while writing under {project}"
+        message = f"{what}: {' -> '.join(paths)}"
     else:
-        where = "while writing"
-    return EnvironmentProblem(f"{what}: {where}", hint=hint)
+        # write() and flush() don't say which file; the project's workspace is where llmctl writes.
+        message = f"{what} (while writing under {project or Path.cwd()})"
+    return EnvironmentProblem(message, hint=hint)
 
 
 def _is_torch_out_of_memory(exc: BaseException) -> bool:
