@@ -101,7 +101,7 @@ def test_outside_a_project(tmp_path):
 def test_artifacts_on_an_empty_workspace(tmp_path):
     project = write_project(tmp_path / "p")
     listing = run_cli("artifacts", "ls", "--json", cwd=project)
-    assert listing.code == 0 and listing.json() == {"artifacts": [], "runs": []}
+    assert listing.code == 0 and listing.json() == {"artifacts": [], "corrupt": [], "runs": []}
     unknown = run_cli("artifacts", "show", "dedup:latest", cwd=project)
     assert unknown.code == 2 and "no dedup artifacts" in unknown.stderr
     nested = tmp_path / "p" / "sub" / "dir"
