@@ -107,3 +107,29 @@ def test_artifacts_on_an_empty_workspace(tmp_path):
     nested = tmp_path / "p" / "sub" / "dir"
     nested.mkdir(parents=True)
     assert run_cli("artifacts", "ls", cwd=nested).code == 0  # found by walking up, as git does
+
+
+def _plain_progress(steps: list[dict], interval: float) -> list[str]:
+    """Lines a non-TTY progress task prints for a sequence of updates."""
+    import io
+
+    from rich.console import Console
+
+    from llmctl.cli.output import CliReporter
+
+    sink = io.StringIO()
+    reporter = CliReporter(Console(file=sink, width=200), quiet=False, plain=True, interval=interval)
+    with reporter.progress("pretrain", total=4, unit="steps") as bar:
+        for fields in steps:
+            bar.update(**fields)
+    return sink.getvalue().splitlines()
+
+
+def test_plain_progress_prints_the_final_line_once():
+    # Every update prints (interval 0): the last one already shows the final state, so no repeat.
+    lines = _plain_progress([{"completed": i, "loss": 5.0 - i} for i in range(1, 5)], interval=0)
+    assert len(lines) == 4 and lines[-1].startswith("pretrain: 4/4 steps") and "loss=1" in lines[-1]
+    assert len(set(lines)) == 4
+    # Nothing printed between updates (long interval): one final line, without an eta.
+    quiet = _plain_progress([{"completed": 1}, {"completed": 3}], interval=3600)
+    assert len(quiet) == 1 and quiet[0].startswith("pretrain: 3/4 steps") and "eta" not in quiet[0]

@@ -77,7 +77,11 @@ class _RichTask(ProgressTask):
 
 
 class _PlainTask(ProgressTask):
-    """A line every `interval` seconds and one at the end: `dedup 4,000/10,000 docs 812 docs/s eta 7s`."""
+    """A line every `interval` seconds and a final one: `dedup: 4,000/10,000 docs 812 docs/s eta 7s`.
+
+    The final line is printed only when it says something the last periodic line did not (a task that
+    ends right after a periodic line would otherwise print the same count twice), and has no eta.
+    """
 
     def __init__(self, console: Console, description: str, total: float | None, unit: str, interval: float):
         self._console, self._description, self._total, self._unit = console, description, total, unit
@@ -85,22 +89,30 @@ class _PlainTask(ProgressTask):
         self._done = 0.0
         self._fields: dict[str, Any] = {}
         self._start = self._last = time.monotonic()
+        self._printed: tuple[Any, ...] | None = None  # the state the last printed line showed
 
-    def _line(self) -> str:
+    def _state(self) -> tuple[Any, ...]:
+        return (self._done, self._total, tuple(self._fields.items()))
+
+    def _line(self, final: bool = False) -> str:
         elapsed = max(time.monotonic() - self._start, 1e-9)
         rate = self._done / elapsed
         count = f"{self._done:,.0f}" + (f"/{self._total:,.0f}" if self._total else "")
         eta = ""
-        if self._total and rate > 0 and self._done < self._total:
+        if not final and self._total and rate > 0 and self._done < self._total:
             eta = f" eta {(self._total - self._done) / rate:.0f}s"
         extra = f" {_fields_text(self._fields)}" if self._fields else ""
         return f"{self._description}: {count} {self._unit} {rate:,.1f} {self._unit}/s{eta}{extra}"
+
+    def _print(self, final: bool = False) -> None:
+        self._printed = self._state()
+        self._console.print(self._line(final), highlight=False, markup=False)
 
     def _maybe_print(self) -> None:
         now = time.monotonic()
         if now - self._last >= self._interval:
             self._last = now
-            self._console.print(self._line(), highlight=False, markup=False)
+            self._print()
 
     def advance(self, n: float = 1, **fields: Any) -> None:
         self._done += n
@@ -116,7 +128,8 @@ class _PlainTask(ProgressTask):
         self._maybe_print()
 
     def __exit__(self, *exc: object) -> None:
-        self._console.print(self._line(), highlight=False, markup=False)
+        if self._printed != self._state():
+            self._print(final=True)
 
 
 class CliReporter(Reporter):
