@@ -398,17 +398,22 @@ def test_relaunch_command_maps_flags_to_torchrun():
 
     argv = ["/venv/bin/llmctl", "pretrain", "--gpus", "2", "--set", "pretrain.max_steps=5"]
     assert relaunch_command(argv, {"gpus": 1}) is None
-    cmd = relaunch_command(argv, {"gpus": 2})
+    cmd = relaunch_command(argv, {"gpus": 2, "device": "cpu"})
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert cmd[-7:] == ["-m", "llmctl", "pretrain", "--gpus", "2", "--set", "pretrain.max_steps=5"]
     assert "--nproc-per-node=2" in cmd
     multi = relaunch_command(
-        argv, {"gpus": 1, "nodes": 2, "node_rank": 1, "master_addr": "n001", "master_port": 1234}
+        argv,
+        {"gpus": 1, "nodes": 2, "node_rank": 1, "master_addr": "n001", "master_port": 1234, "device": "cpu"},
     )
     assert {"--nnodes=2", "--node-rank=1", "--master-addr=n001", "--master-port=1234"} <= set(multi)
     assert "--standalone" not in multi
     with pytest.raises(UsageError, match="--master-addr"):
-        relaunch_command(argv, {"gpus": 8, "nodes": 2})
+        relaunch_command(argv, {"gpus": 8, "nodes": 2, "device": "cpu"})
+    if not torch.cuda.is_available():  # GPUs asked for and none there: refused, never CPU processes
+        with pytest.raises(UsageError, match="no CUDA device found") as e:
+            relaunch_command(argv, {"gpus": 2})
+        assert "--device cpu" in e.value.hint
 
 
 # ---- (d) bad input fails early with a clear message ----------------------------------------------

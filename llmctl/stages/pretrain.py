@@ -44,12 +44,12 @@ from llmctl.threads import apply_threads, choose_threads
 from llmctl.train import distributed as D
 from llmctl.train.checkpoint import (
     CHECKPOINTS_DIR,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from llmctl.train.interrupts import StepBoundaryStop
 from llmctl.train.metrics import ExternalLoggers, MetricsWriter, mfu, peak_flops, plot_losses
 from llmctl.train.optim import lr_at, make_adamw, param_groups
 
@@ -255,6 +255,13 @@ def evaluate(
     return loss, bpb
 
 
+def _agreed(flag: bool, info: D.DistInfo) -> bool:
+    """True on every rank when any rank's flag is set (one tiny all-reduce when distributed)."""
+    if not info.distributed:
+        return flag
+    return bool(D.all_reduce(torch.tensor([float(flag)], device=info.device))[0] > 0)
+
+
 # ---- the training loop ---------------------------------------------------------------------------
 
 
@@ -369,9 +376,13 @@ def train(
     bad_steps = 0
     ckpt_root = run_dir / CHECKPOINTS_DIR
     writer = MetricsWriter(run_dir / METRICS_FILE)
-    latest = latest_checkpoint(ckpt_root) if job.resumed else None
-    if latest is not None:
-        model_state, optim_state, state = load_checkpoint(latest)
+    resumed = (
+        load_latest_checkpoint(ckpt_root, lambda msg: reporter.warn(f"pretrain: {msg}"))
+        if job.resumed
+        else None
+    )
+    if resumed is not None:
+        latest, model_state, optim_state, state = resumed
         D.load_full_state_dicts(model, optimizer, model_state, optim_state)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -423,8 +434,10 @@ def train(
     loss_value = float("nan")
     tok_s = 0.0
     first_step = step
-    updating = False
+    updating = at_boundary = False
     model.train()
+    # Ctrl-C / SIGTERM end the loop after a full step; deferred until the checkpoint below is saved.
+    stop = StepBoundaryStop().install()
     try:
         with reporter.progress("pretrain", total=max_steps, unit="steps") as bar:
             bar.update(completed=step)
@@ -534,19 +547,25 @@ def train(
                 if step_mfu is not None:
                     fields["mfu"] = f"{step_mfu:.1%}"
                 bar.update(completed=step, **fields)
+                if _agreed(stop.requested, info):  # every rank stops after the same step
+                    at_boundary = True
+                    raise stop.interrupted()
     except (KeyboardInterrupt, Interrupted):
-        # Save where the last full step ended; FSDP gathering is collective and other ranks may be
-        # stuck elsewhere, so sharded runs rely on their periodic checkpoints.
+        # At the step boundary every rank is here with whole weights: save (collective under FSDP).
+        # Anywhere else (a KeyboardInterrupt where no handler could be installed: not the main
+        # thread) only an unsharded state outside a weight update is whole.
         if updating:
             reporter.warn(
                 "pretrain: interrupted during a weight update; --resume continues from the last checkpoint"
             )
-        elif cfg.strategy != "fsdp" or not info.distributed:
+        elif at_boundary or cfg.strategy != "fsdp" or not info.distributed:
+            reporter.log(f"pretrain: interrupted; saving a checkpoint at step {step}")
             optimizer.zero_grad(set_to_none=True)
             checkpoint()
-            reporter.log(f"pretrain: interrupted; checkpoint saved at step {step}")
+            reporter.log(f"pretrain: checkpoint saved at step {step}")
         raise
     finally:
+        stop.restore()
         if loggers is not None:
             loggers.close()
 

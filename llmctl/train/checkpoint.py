@@ -23,7 +23,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +86,50 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(model tensors by HF name, optimizer state dict, trainer state) of one checkpoint folder."""
+    """(model tensors by HF name, optimizer state dict, trainer state) of one checkpoint folder.
+
+    InputError naming the damaged file when any part is missing or unreadable (no hint: the
+    caller knows what to do instead, e.g. fall back to an older checkpoint)."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{path / STATE_FILE}: unreadable checkpoint state ({e})") from None
-    if state.get("version") != STATE_VERSION:
-        raise InputError(f"{path}: checkpoint version {state.get('version')}, expected {STATE_VERSION}")
-    tensors = load_safetensors(weight_files(path))
-    optim_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise InputError(f"{path}: checkpoint version {version}, expected {STATE_VERSION}")
+    try:
+        tensors = load_safetensors(weight_files(path))
+    except InputError as e:
+        raise InputError(e.message) from None
+    try:
+        optim_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises a zoo of types for missing, truncated or bad zip/pickle data
+        raise InputError(
+            f"{path / OPTIMIZER_FILE}: unreadable optimizer state ({type(e).__name__}: {e})"
+        ) from None
     return tensors, optim_state, state
+
+
+def load_latest_checkpoint(
+    root: Path, warn: Callable[[str], None]
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint under root that loads, as (folder, *load_checkpoint(folder)); None if
+    there is none. A damaged newer one (a disk fault, a hand edit) is reported through `warn` and
+    the one before it is used; InputError when every checkpoint is damaged."""
+    found = list_checkpoints(root)
+    damaged = []
+    for path in reversed(found):
+        try:
+            return (path, *load_checkpoint(path))
+        except InputError as e:
+            damaged.append(e.message)
+            warn(f"checkpoint {path.name} is damaged: {e.message}; falling back to the one before it")
+    if damaged:
+        raise InputError(
+            f"{root}: no readable checkpoint to resume from ({len(damaged)} damaged; newest: {damaged[0]})",
+            hint="start the run again with `--force` (without --resume); the damaged run folder is left as it is",
+        )
+    return None
 
 
 # ---- RNG states as JSON --------------------------------------------------------------------------
