@@ -42,5 +42,9 @@ class Reporter:
     def warn(self, message: str) -> None:
         pass
 
-    def progress(self, description: str, total: float | None = None, unit: str = "it") -> ProgressTask:
+    def progress(
+        self, description: str, total: float | None = None, unit: str = "it", completed: float = 0
+    ) -> ProgressTask:
+        """A progress bar. `completed` is work done before (a resumed run): shown in the count, never in
+        the rate, which counts only what this process does."""
         return ProgressTask()

@@ -232,7 +232,7 @@ class _SlowProgress(ProgressTask):
 
 
 class _SlowReporter(Reporter):
-    def progress(self, description, total=None, unit="it"):
+    def progress(self, description, total=None, unit="it", completed=0):
         return _SlowProgress()
 
 
@@ -536,7 +536,7 @@ class _InterruptAt(Reporter):
     def __init__(self, step: int):
         self.step = step
 
-    def progress(self, description, total=None, unit="it"):
+    def progress(self, description, total=None, unit="it", completed=0):
         at = self.step
 
         class Task(ProgressTask):
@@ -569,3 +569,44 @@ def test_tensorboard_enabled_but_missing_is_a_config_error(tmp_path, fixed_token
         pass
     with pytest.raises(ConfigError, match="pretrain.tensorboard is true but tensorboard is not installed"):
         train_direct(small_config(tensorboard=True), fixed_tokens_dir, tmp_path / "run")
+
+
+class _Recording(Reporter):
+    """Records how the progress bar is opened and updated."""
+
+    def __init__(self):
+        self.opened: list[tuple[float | None, float]] = []
+        self.updates: list[float | None] = []
+
+    def progress(self, description, total=None, unit="it", completed=0):
+        self.opened.append((total, completed))
+        updates = self.updates
+
+        class Task(ProgressTask):
+            def update(self, completed=None, total=None, **fields):
+                updates.append(completed)
+
+        return Task()
+
+
+def test_resumed_progress_starts_at_the_checkpoint_and_rates_count_only_new_steps(tmp_path, fixed_tokens_dir):
+    import io
+
+    from rich.console import Console
+
+    from llmctl.cli.output import CliReporter
+
+    cfg = small_config(max_steps=8, checkpoint_every=0)
+    project, project_dir = project_with(tmp_path, fixed_tokens_dir, cfg)
+    with pytest.raises(Interrupted):
+        run_pretrain(project, project_dir, reporter=_InterruptAt(5))
+    recording = _Recording()
+    run_pretrain(project, project_dir, resume=True, reporter=recording)
+    assert recording.opened == [(8, 5)]  # the resumed steps are a start value, not progress
+    assert recording.updates == [6, 7, 8]
+
+    # What the CLI prints for a resumed bar: the count includes the old steps, the rate does not.
+    console = Console(file=io.StringIO(), width=200)
+    with CliReporter(console, quiet=False, plain=True).progress("pretrain", 8, "steps", completed=5):
+        pass  # no step done in this process
+    assert "pretrain: 5/8 steps 0.0 steps/s" in console.file.getvalue()

@@ -58,11 +58,14 @@ class _RateColumn(ProgressColumn):
 
 
 class _RichTask(ProgressTask):
-    def __init__(self, progress: Progress, description: str, total: float | None, unit: str, on_close):
+    def __init__(
+        self, progress: Progress, description: str, total: float | None, unit: str, on_close, completed: float
+    ):
         self._progress = progress
         self._on_close = on_close
         self._fields: dict[str, Any] = {}
-        self._id = progress.add_task(description, total=total, info="", unit=unit)
+        # A start value, not an advance: rich's speed counts only later updates.
+        self._id = progress.add_task(description, total=total, completed=completed, info="", unit=unit)
 
     def advance(self, n: float = 1, **fields: Any) -> None:
         self._fields.update(fields)
@@ -83,10 +86,18 @@ class _PlainTask(ProgressTask):
     ends right after a periodic line would otherwise print the same count twice), and has no eta.
     """
 
-    def __init__(self, console: Console, description: str, total: float | None, unit: str, interval: float):
+    def __init__(
+        self,
+        console: Console,
+        description: str,
+        total: float | None,
+        unit: str,
+        interval: float,
+        completed: float = 0.0,
+    ):
         self._console, self._description, self._total, self._unit = console, description, total, unit
         self._interval = interval
-        self._done = 0.0
+        self._done = self._start_done = completed  # the rate counts only what this process does
         self._fields: dict[str, Any] = {}
         self._start = self._last = time.monotonic()
         self._printed: tuple[Any, ...] | None = None  # the state the last printed line showed
@@ -96,7 +107,7 @@ class _PlainTask(ProgressTask):
 
     def _line(self, final: bool = False) -> str:
         elapsed = max(time.monotonic() - self._start, 1e-9)
-        rate = self._done / elapsed
+        rate = (self._done - self._start_done) / elapsed
         count = f"{self._done:,.0f}" + (f"/{self._total:,.0f}" if self._total else "")
         eta = ""
         if not final and self._total and rate > 0 and self._done < self._total:
@@ -150,11 +161,13 @@ class CliReporter(Reporter):
     def warn(self, message: str) -> None:
         self._console.print(Text.assemble(("Warning: ", "yellow"), message))
 
-    def progress(self, description: str, total: float | None = None, unit: str = "it") -> ProgressTask:
+    def progress(
+        self, description: str, total: float | None = None, unit: str = "it", completed: float = 0
+    ) -> ProgressTask:
         if self._quiet:
             return ProgressTask()
         if self._plain:
-            return _PlainTask(self._console, description, total, unit, self._interval)
+            return _PlainTask(self._console, description, total, unit, self._interval, completed)
         if self._progress is None:
             self._progress = Progress(
                 TextColumn("{task.description}", style="bold", markup=False),
@@ -170,7 +183,7 @@ class CliReporter(Reporter):
             )
             self._progress.start()
         self._open += 1
-        return _RichTask(self._progress, description, total, unit, self._close)
+        return _RichTask(self._progress, description, total, unit, self._close, completed)
 
     def _close(self, task_id: Any) -> None:
         self._open -= 1

@@ -439,8 +439,7 @@ def train(
     # Ctrl-C / SIGTERM end the loop after a full step; deferred until the checkpoint below is saved.
     stop = StepBoundaryStop().install()
     try:
-        with reporter.progress("pretrain", total=max_steps, unit="steps") as bar:
-            bar.update(completed=step)
+        with reporter.progress("pretrain", total=max_steps, unit="steps", completed=step) as bar:
             while step < max_steps:
                 step_lr = lr_at(
                     step,
