@@ -70,6 +70,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from llmctl.config.dedup import DedupConfig
 from llmctl.data.corpus import DOCUMENTS_DIR, SHARD_SUFFIX, record_to_json, shard_name
 from llmctl.data.minhash import MinHasher
+from llmctl.data.workers import worker_pool
 from llmctl.errors import InputError
 from llmctl.reporting import Reporter
 
@@ -174,39 +175,6 @@ def _write_shard(args: tuple[Path, list[tuple[Path, np.ndarray, np.ndarray]]]) -
     return _write_gzip(path, lines())
 
 
-class _InlinePool:
-    """The two Pool methods we use, run in this process (workers=1: no fork, no pickling)."""
-
-    def __init__(self, initargs: tuple) -> None:
-        _init_worker(*initargs)
-
-    def apply_async(self, fn, args):  # noqa: ANN001 - mirrors multiprocessing.Pool
-        value = fn(*args)
-
-        class _Done:
-            def get(self):  # noqa: ANN202
-                return value
-
-        return _Done()
-
-    def close(self) -> None:
-        pass
-
-    def join(self) -> None:
-        pass
-
-    def terminate(self) -> None:
-        pass
-
-
-def _make_pool(workers: int, initargs: tuple):  # noqa: ANN202
-    if workers == 1:
-        return _InlinePool(initargs)
-    import multiprocessing as mp
-
-    return mp.get_context().Pool(workers, initializer=_init_worker, initargs=initargs)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Shared bookkeeping: union-find whose root is the smallest (first) index of its cluster.
 
@@ -266,7 +234,6 @@ def _run_datasketch(
     chunk_dir = scratch / "dedup-chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     workers = cfg.local_workers
-    pool = _make_pool(workers, (cfg.n_grams, cfg.bands, cfg.rows, cfg.seed))
 
     ids: list[str] = []
     text_bytes: list[np.ndarray] = []
@@ -303,20 +270,24 @@ def _run_datasketch(
                     if other != i:
                         clusters.union(i, other)
 
+    # fork: workers only compute on what they are sent (no console, no torch threads in this process)
+    pool = worker_pool(
+        workers, "fork", _init_worker, (cfg.n_grams, cfg.bands, cfg.rows, cfg.seed), stage="dedup"
+    )
     try:
         in_flight: deque = deque()
         with reporter.progress("dedup: signatures", unit="docs") as bar:
             for k, chunk in enumerate(_chunks(documents, _CHUNK_DOCS)):
                 path = chunk_dir / f"{k:06d}.jsonl"
                 chunk_files.append(path)
-                in_flight.append(pool.apply_async(_signature_chunk, ((path, chunk, cfg.exact, cfg.near),)))
+                in_flight.append(pool.submit(_signature_chunk, (path, chunk, cfg.exact, cfg.near)))
                 # bounded read-ahead: the input may be far larger than memory
                 while len(in_flight) > 2 * workers:
-                    res = in_flight.popleft().get()
+                    res = pool.result(in_flight.popleft())
                     consume(res)
                     bar.advance(len(res.ids))
             while in_flight:
-                res = in_flight.popleft().get()
+                res = pool.result(in_flight.popleft())
                 consume(res)
                 bar.advance(len(res.ids))
 
@@ -347,14 +318,12 @@ def _run_datasketch(
             tasks.append((docs_dir / shard_name(s), pieces))
         compressed = 0
         with reporter.progress("dedup: write", total=len(tasks), unit="shards") as bar:
-            pending = deque(pool.apply_async(_write_shard, (t,)) for t in tasks)
-            while pending:
-                compressed += pending.popleft().get()
+            for size in pool.ordered(_write_shard, ((t,) for t in tasks), window=len(tasks) + 1):
+                compressed += size
                 bar.advance(1)
-        pool.close()
-        pool.join()
+        pool.close(kill=False)
     except BaseException:
-        pool.terminate()
+        pool.close(kill=True)
         raise
     finally:
         shutil.rmtree(chunk_dir, ignore_errors=True)

@@ -16,13 +16,9 @@ the corpus plus a fixed set of awkward strings; otherwise we fall back to `token
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +28,8 @@ import xxhash
 
 from llmctl.data.shards import ShardInfo, ShardWriter, list_shards, token_dtype, write_index
 from llmctl.data.tokenizer import Tokenizer, tiktoken_from_json
-from llmctl.errors import ConfigError, InputError, StageFailed
+from llmctl.data.workers import worker_pool
+from llmctl.errors import ConfigError, InputError
 from llmctl.reporting import Reporter
 
 EncoderChoice = Literal["auto", "tiktoken", "tokenizers"]
@@ -291,28 +288,10 @@ def encode_corpus(
                 consume(_encode_chunk(texts, flags))
         else:
             # spawn, not fork: the parent may hold torch/rayon threads, and forking those is unsafe.
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker, initargs=(*init_args, True)
-            ) as pool:
-                pending: deque[Future] = deque()
-                try:
-                    for texts, flags in chunks:
-                        pending.append(pool.submit(_encode_chunk, texts, flags))
-                        # Bounded in-flight work keeps memory flat however large the corpus is.
-                        if len(pending) >= 2 * workers:
-                            consume(pending.popleft().result())
-                    while pending:
-                        consume(pending.popleft().result())
-                except BrokenProcessPool:
-                    raise StageFailed(
-                        "an encoding worker process died (killed for memory?)",
-                        hint="lower tokenize.workers, or tokenize.shard_tokens",
-                    ) from None
-                except BaseException:
-                    for f in pending:
-                        f.cancel()
-                    raise
+            # Bounded in-flight work keeps memory flat however large the corpus is.
+            with worker_pool(workers, "spawn", _init_worker, (*init_args, True), stage="tokenize") as pool:
+                for result in pool.ordered(_encode_chunk, chunks, window=2 * workers):
+                    consume(result)
 
     shards = {split: w.close() for split, w in writers.items()}
     if docs_n["train"] + docs_n["val"] == 0:

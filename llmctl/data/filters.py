@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -53,6 +53,7 @@ from llmctl.config.filter import (
     UrlStep,
 )
 from llmctl.data.corpus import DOCUMENTS_DIR, CorpusWriter, corpus_files, iter_shard
+from llmctl.data.workers import worker_pool
 from llmctl.errors import ConfigError, InputError
 from llmctl.reporting import Reporter
 
@@ -431,25 +432,26 @@ def run_filters(
         workers = 1
 
     excluded: dict[int, CorpusWriter] = {}
-    pool = None
+    if workers == 1:
+        pool = worker_pool(1, "fork", stage="filter")  # runs in this process on the steps built above
+    elif "fork" in multiprocessing.get_all_start_methods():
+        # fork, not forkserver/spawn: those re-run the caller's __main__ in every worker, and a script
+        # without an `if __name__ == "__main__"` guard then respawns workers forever. Forked workers
+        # inherit the built steps (URL block-lists hold ~4.5M domains); they only compute (no console,
+        # no torch), so forking a threaded parent is safe here.
+        _WORKER_STEPS = steps
+        pool = worker_pool(workers, "fork", stage="filter")
+    else:
+        pool = worker_pool(workers, "spawn", _init_worker, (cfg, base_dir), stage="filter")
     try:
         with (
+            pool,
             CorpusWriter(out_dir / DOCUMENTS_DIR) as kept,
             reporter.progress("filter", unit="docs") as bar,
         ):
             all_batches = _chain(head, batches)
             if workers > 1:
-                # fork, not forkserver/spawn: those re-run the caller's __main__ in every worker, and a
-                # script without an `if __name__ == "__main__"` guard then respawns workers forever.
-                # Workers only compute (no console, no torch), so forking a threaded parent is safe here.
-                if "fork" in multiprocessing.get_all_start_methods():
-                    # forked workers inherit the built steps (URL block-lists hold ~4.5M domains)
-                    _WORKER_STEPS = steps
-                    pool = multiprocessing.get_context("fork").Pool(workers)
-                else:
-                    ctx = multiprocessing.get_context("spawn")
-                    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, base_dir))
-                processed = _in_order(pool, all_batches, window=4 * workers)
+                processed = pool.ordered(_worker_batch, ((b,) for b in all_batches), window=4 * workers)
             else:
                 processed = (_process_batch(steps, b) for b in all_batches)
             n_in = 0
@@ -469,10 +471,7 @@ def run_filters(
         for w in excluded.values():
             w.close()
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-            _WORKER_STEPS = None
+        _WORKER_STEPS = None
 
     seconds = time.perf_counter() - t_start
     if n_in == 0:
@@ -515,20 +514,6 @@ def run_filters(
             hint="loosen the step that drops most in filter.steps (see excluded/ for examples), or check the input",
         )
     return metrics
-
-
-def _in_order(
-    pool: Any, batches: Iterator[list[Document]], window: int
-) -> Iterator[tuple[list[_Result], _Counts]]:
-    """Results of `batches` in input order, with at most `window` batches in flight. (Pool.imap would
-    read the whole input into its task queue: unbounded memory on a large corpus.)"""
-    pending: deque[Any] = deque()
-    for batch in batches:
-        pending.append(pool.apply_async(_worker_batch, (batch,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
 
 
 def _chain(head: list[list[Document]], rest: Iterator[list[Document]]) -> Iterator[list[Document]]:

@@ -1,0 +1,126 @@
+"""Worker pools of the data stages: a killed worker fails the stage promptly (nothing published), and
+workers never outlive a parent killed with SIGKILL. Real `llmctl` processes, real signals."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, write_project
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory) -> Path:
+    """8,000 synthetic documents: enough for dedup, filter and tokenize to start worker pools."""
+    from llmctl.data.synthetic import generate_corpus
+
+    folder = tmp_path_factory.mktemp("workers")
+    generate_corpus(folder, n_docs=8000, seed=1)
+    return folder / "docs.jsonl"
+
+
+@pytest.fixture
+def big_project(tmp_path, big_corpus) -> Path:
+    return write_project(tmp_path / "proj", f"data:\n  sources:\n    - path: {big_corpus}\n")
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = _children(pid)
+    while todo:
+        kid = todo.pop()
+        if kid not in found:
+            found.add(kid)
+            todo += _children(kid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited; only its exit status is left
+
+
+def _start(project: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmctl", *args],
+        cwd=project,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 120) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = _descendants(proc.pid)
+        if len(kids) >= n:
+            return kids
+        assert proc.poll() is None, f"exited before starting workers: {proc.communicate()}"
+        time.sleep(0.01)
+    raise AssertionError("no worker processes appeared")
+
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def test_a_killed_dedup_worker_fails_the_stage_promptly(big_project):
+    proc = _start(big_project, "dedup", "--force", "--set", "dedup.workers=2")
+    try:
+        victim = min(_wait_for_workers(proc, 2))
+        time.sleep(0.5)  # busy on a chunk: multiprocessing.Pool lost that task and waited forever
+        assert proc.poll() is None, "dedup finished before the kill"
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)  # the bug: waited forever on the lost task
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr
+    assert "Error: dedup: a worker process died" in stderr
+    assert not list((big_project / "workspace" / "artifacts").glob("dedup/v*"))
+
+
+@pytest.mark.parametrize(
+    ("stage", "workers", "busy_after"),
+    # seconds after the workers appear until they are busy (tokenize's import tokenizers first)
+    [("dedup", 2, 0.2), ("filter", 2, 0.2), ("tokenize", 2, 1.5)],
+)
+def test_workers_die_with_a_parent_killed_by_sigkill(big_project, stage, workers, busy_after):
+    proc = _start(big_project, stage, "--force", "--set", f"{stage}.workers={workers}")
+    kids: set[int] = set()
+    survivors: list[int] = []
+    try:
+        kids = _wait_for_workers(proc, workers)
+        time.sleep(busy_after)
+        assert proc.poll() is None, "the stage finished before the kill"
+        kids |= _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [k for k in kids if _alive(k)]
+    finally:
+        proc.kill()
+        for k in kids:  # never leave orphans behind, even when the test fails (they hold our pipes)
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+        proc.communicate()
+    assert not survivors, f"{stage}: workers {survivors} outlived their parent"
