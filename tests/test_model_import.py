@@ -179,3 +179,34 @@ def test_import_smollm2_gguf_matches_transformers_and_knows_paris(tmp_path: Path
         [ids], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=(eos,))
     )
     assert "Paris" in out[0].text
+
+
+@pytest.mark.parametrize("old_torch", ["2.5.1", "2.9.1", "2.10.0a0+git1234"])
+def test_pickled_weights_refused_under_a_torch_whose_weights_only_can_be_bypassed(
+    tmp_path: Path, monkeypatch, old_torch: str
+):
+    from llmctl.model.hf_import import SAFE_PICKLE_TORCH
+
+    config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=False)
+    pickled, _ = hf_folder(tmp_path / "bin", config, bin_weights=True)
+    both, _ = hf_folder(tmp_path / "both", config)
+    (both / "pytorch_model.bin").write_bytes(b"a pickle that must never be opened")
+    # An old torch cannot be installed beside this one: only the version it reports differs here.
+    monkeypatch.setattr(torch, "__version__", old_torch)
+    with pytest.raises(InputError) as err:
+        import_model(pickled, tmp_path / "out")
+    assert "pytorch_model.bin" in err.value.message and "CVE-2026-24747" in err.value.message
+    assert f"torch>={SAFE_PICKLE_TORCH}" in err.value.hint and "safetensors" in err.value.hint
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    # Safetensors beside the pickle are preferred: the import works and the pickle is never read.
+    assert import_model(both, tmp_path / "out-both").architecture == "llama"
+
+
+def test_torch_floor_is_the_release_that_fixed_weights_only_loading():
+    import re
+
+    from llmctl.model.hf_import import SAFE_PICKLE_TORCH
+
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    floor = re.search(r'^\s*"torch>=([\d.]+)', pyproject, re.MULTILINE).group(1)
+    assert tuple(map(int, floor.split("."))) >= tuple(map(int, SAFE_PICKLE_TORCH.split(".")[:2]))

@@ -2,7 +2,8 @@
 
 Three sources, one entry point:
 - a local Hugging Face folder of the Llama family (llama, mistral, qwen2, qwen3; SmolLM is llama):
-  safetensors (single or sharded) or pytorch_model.bin (loaded with `weights_only=True`);
+  safetensors (single or sharded; always preferred) or pytorch_model.bin (loaded with
+  `weights_only=True`, and only with a torch where that cannot be bypassed: `SAFE_PICKLE_TORCH`);
 - a hub repo id (`org/name`), fetched with `huggingface_hub.snapshot_download` into the HF cache;
 - a GGUF file (llama.cpp), dequantised to float32 with the `gguf` package; its tokenizer is
   rebuilt from the GGUF metadata by transformers (needed only for this path).
@@ -147,6 +148,24 @@ def _download(repo_id: str, revision: str | None, reporter: Reporter) -> tuple[P
 
 # ---- HF folders --------------------------------------------------------------------------------
 
+# torch.load(weights_only=True) of a crafted pickle runs code in older torch: CVE-2025-32434 (fixed
+# in 2.6.0) and CVE-2026-24747 (GHSA-63cw-57p8-fm3p: <= 2.9.1 affected, fixed in 2.10.0).
+SAFE_PICKLE_TORCH = "2.10.0"
+
+
+def require_safe_pickle_loading(path: Path) -> None:
+    """InputError unless this torch can load a pickled checkpoint without running code hidden in it."""
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < SAFE_PICKLE_TORCH:
+        raise InputError(
+            f"{path}: refusing a pickled PyTorch checkpoint with torch {torch.__version__}: a crafted file can "
+            f"run code even with weights_only=True before torch {SAFE_PICKLE_TORCH} "
+            "(CVE-2025-32434, CVE-2026-24747)",
+            hint=f"upgrade torch (pip install -U 'torch>={SAFE_PICKLE_TORCH}'), or use the model's "
+            "safetensors weights (model.safetensors)",
+        )
+
 
 def _read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / WEIGHTS_INDEX_FILE).exists() or (folder / WEIGHTS_FILE).exists():
@@ -160,6 +179,7 @@ def _read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
             f"{folder}: no model.safetensors, sharded safetensors or pytorch_model.bin found",
             hint="the folder needs weights next to config.json",
         )
+    require_safe_pickle_loading(bins[0])
     tensors: dict[str, torch.Tensor] = {}
     for b in bins:
         try:
