@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, write_project
 
+from llmctl.threads import available_cores
+
 
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory) -> Path:
@@ -79,7 +81,12 @@ def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 120) -> s
     raise AssertionError("no worker processes appeared")
 
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
+    pytest.mark.skipif(
+        available_cores() < 2, reason="a pool of 2 workers needs 2 cores (llmctl refuses more)"
+    ),
+]
 
 
 def test_a_killed_dedup_worker_fails_the_stage_promptly(big_project):

@@ -75,7 +75,7 @@ from llmctl.errors import InputError
 from llmctl.reporting import Reporter
 
 REMOVED_FILE = "removed.jsonl.gz"
-_CHUNK_DOCS = 500  # documents per worker task: big enough to amortise IPC, small enough to balance
+CHUNK_DOCS = 500  # documents per worker task: big enough to amortise IPC, small enough to balance
 _GZIP_LEVEL = 3  # as llmctl.data.corpus: ~4x faster than level 6 for ~18% more disk
 
 
@@ -277,7 +277,7 @@ def _run_datasketch(
     try:
         in_flight: deque = deque()
         with reporter.progress("dedup: signatures", unit="docs") as bar:
-            for k, chunk in enumerate(_chunks(documents, _CHUNK_DOCS)):
+            for k, chunk in enumerate(_chunks(documents, CHUNK_DOCS)):
                 path = chunk_dir / f"{k:06d}.jsonl"
                 chunk_files.append(path)
                 in_flight.append(pool.submit(_signature_chunk, (path, chunk, cfg.exact, cfg.near)))

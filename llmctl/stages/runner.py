@@ -24,6 +24,7 @@ from llmctl import __version__
 from llmctl.errors import ConfigError, InputError, Interrupted, LlmctlError
 from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
+from llmctl.stages.limits import check_limits
 from llmctl.stages.registry import STAGES, InputSlot, Stage
 from llmctl.workspace.integrity import NO_VERIFY_ENV, verification_disabled
 from llmctl.workspace.manifest import (
@@ -281,6 +282,7 @@ def _execute(
 ) -> StageOutcome:
     """Run the stage in a run folder (new, or reopened for resume) and publish its output."""
     stage, workspace = plan.stage, plan.workspace
+    check_limits([stage.name], project, plan.inputs)  # before a run folder or a worker exists
     resumed = False
     run_dir = None
     if resume:
@@ -366,6 +368,7 @@ def run_pipeline(
     Inputs from stages outside `names` resolve as in a single stage run. `options` maps a stage name
     to its per-invocation options."""
     reporter = reporter or Reporter()
+    check_limits(names, project)  # a value this machine cannot hold fails before the first stage starts
     produced: dict[str, Artifact] = {}
     outcomes = []
     for i, name in enumerate(names, 1):

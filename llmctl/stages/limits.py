@@ -1,0 +1,198 @@
+"""Config values that become processes or memory, checked against this machine before a stage runs.
+
+    check_limits(["dedup", "filter"], project)        # raises ConfigError, one line per key over its limit
+    check_limits(["pretrain"], project, plan.inputs)  # with inputs: the real vocabulary size
+
+The schema (`llmctl config validate`) stays machine-independent on purpose: a project file written for
+a 64-core node must validate on the laptop that edits it. These checks run where the work would run,
+just before it starts (`llmctl.stages.runner`: every stage of `llmctl run` up front, and each stage
+again with its resolved inputs), so `dedup.workers=100000` is a config error, not a fork bomb.
+
+What is checked:
+* worker processes (dedup, filter, tokenize `workers`) against the cores this process may use;
+* dedup MinHash signature memory (bands x rows hashes per document, per worker) against memory;
+* pretrain: parameters, gradients and AdamW state (16 bytes per parameter, fp32), the rotary tables
+  (max_seq_len x head_dim) and activations at micro_batch_size x seq_len, against the memory of the
+  device (GPU memory, or RAM shared by the processes of a CPU run). The estimate leans low: it is
+  meant to refuse shapes that cannot fit, never to second-guess ones that might.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import ConfigError
+from llmctl.threads import available_cores
+
+GB = 1024**3
+# Bytes per stored activation value per token and layer, as multiples of n_embd: attention inputs,
+# q/k/v, attention output, residuals, norms and the SwiGLU hidden states (Korthikanti et al. 2022
+# count 34 bytes x n_embd in 16-bit; the lower 16 values are kept here so the estimate stays a floor).
+_ACTIVATION_VALUES_PER_EMBD = 16
+
+
+@dataclass(frozen=True)
+class Machine:
+    cores: int
+    memory_bytes: int  # available to this process now (RAM, capped by a cgroup limit)
+
+    @property
+    def memory(self) -> str:
+        return _size(self.memory_bytes)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def available_memory() -> int:
+    """RAM this process can still get: MemAvailable, capped by its cgroup's memory limit."""
+    meminfo = _read(Path("/proc/meminfo")) or ""
+    available = next(
+        (int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")),
+        None,
+    )
+    if available is None:  # not Linux
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 1 << 62  # unknown: do not refuse on a guess
+    limit, used = _read(Path("/sys/fs/cgroup/memory.max")), _read(Path("/sys/fs/cgroup/memory.current"))
+    if limit and limit.isdigit() and used and used.isdigit():
+        available = min(available, max(int(limit) - int(used), 0))
+    return available
+
+
+def this_machine() -> Machine:
+    return Machine(cores=available_cores(), memory_bytes=available_memory())
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("PB", 1024**5), ("TB", 1024**4), ("GB", GB), ("MB", 1024**2)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1024:,.1f} KB"
+
+
+def dedup_signature_bytes(bands: int, rows: int) -> int:
+    """Peak signature memory of one dedup worker: two (chunk docs, bands x rows) uint64 arrays, plus
+    the permutation parameters (see llmctl.data.minhash.MinHasher.signatures)."""
+    from llmctl.data.dedup import CHUNK_DOCS
+
+    return (2 * CHUNK_DOCS + 2) * bands * rows * 8
+
+
+def pretrain_memory(mc: Any, cfg: Any, world_size: int = 1, *, device: str = "cpu") -> dict[str, int]:
+    """Estimated peak memory of one training process by the keys that drive it (see the module
+    docstring); a floor, not a bound."""
+    from llmctl.model.config import num_params
+
+    state = 16 * num_params(mc)  # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq
+    if cfg.strategy == "fsdp" and world_size > 1:
+        state //= world_size
+    value_bytes = 2 if device == "cuda" and cfg.dtype != "fp32" else 4
+    tokens = cfg.micro_batch_size * cfg.seq_len
+    stored_layers = 1 if cfg.activation_checkpointing else mc.n_layer
+    return {
+        "pretrain.model (n_layer, n_embd, intermediate_size, vocabulary)": state,
+        "pretrain.model.max_seq_len": 3 * mc.max_seq_len * mc.head_dim * 4,  # cos, sin, their angles
+        "pretrain.micro_batch_size x pretrain.seq_len": (
+            stored_layers * tokens * _ACTIVATION_VALUES_PER_EMBD * mc.n_embd * value_bytes
+            + 2 * tokens * mc.vocab_size * 4  # fp32 logits and their gradient
+        ),
+    }
+
+
+def check_limits(
+    stages: Sequence[str], project: Any, inputs: dict[str, Any] | None = None, machine: Machine | None = None
+) -> None:
+    """Raise one ConfigError naming every key of these stages' config that this machine cannot hold.
+    `inputs` (a stage's resolved input artifacts) gives pretrain its real vocabulary size."""
+    machine = machine or this_machine()
+    errors: list[str] = []
+    for stage in stages:
+        if stage in ("dedup", "filter", "tokenize"):
+            errors += _data_limits(stage, getattr(project, stage), machine)
+        elif stage == "pretrain":
+            errors += _pretrain_limits(project, inputs or {}, machine)
+    if errors:
+        noun = "value" if len(errors) == 1 else "values"
+        raise ConfigError(
+            f"{len(errors)} config {noun} beyond this machine "
+            f"({machine.cores} cores, {machine.memory} memory available)",
+            errors=errors,
+            hint="lower the values named above (`--set KEY=VALUE` for one run)",
+        )
+
+
+def _data_limits(stage: str, cfg: Any, machine: Machine) -> list[str]:
+    errors = []
+    local = stage != "dedup" or cfg.executor == "local"  # slurm/ray workers run elsewhere
+    workers = cfg.workers or 0
+    if local and workers > machine.cores:
+        errors.append(
+            f"{stage}.workers: {workers:,} worker processes, but this process may use {machine.cores} "
+            f"cores; at most {machine.cores} (or 0/empty: one per core)"
+        )
+    if stage == "dedup" and cfg.near and local:
+        per_worker = dedup_signature_bytes(cfg.bands, cfg.rows)
+        n = min(cfg.local_workers, machine.cores)
+        if n * per_worker > machine.memory_bytes:
+            fit = machine.memory_bytes // (n * dedup_signature_bytes(1, 1))
+            errors.append(
+                f"dedup.bands x dedup.rows: {cfg.bands:,} x {cfg.rows:,} = {cfg.bands * cfg.rows:,} hashes per "
+                f"document need ~{_size(per_worker)} per worker x {n} workers, and {machine.memory} is "
+                f"available; at most {fit:,} hashes per document fit (FineWeb uses 14 x 8 = 112)"
+            )
+    return errors
+
+
+def _pretrain_limits(project: Any, inputs: dict[str, Any], machine: Machine) -> list[str]:
+    from llmctl.stages.pretrain import model_config_for
+
+    cfg = project.pretrain
+    data, init = inputs.get("data"), inputs.get("init")
+    vocab = (
+        data.manifest.metrics.get("vocab_size") if data is not None else None
+    ) or project.tokenize.vocab_size
+    mc, _ = model_config_for(cfg, int(vocab), str(init.path) if init is not None else None)
+    errors = []
+    if mc.max_seq_len < cfg.seq_len:
+        return errors  # the stage reports this mismatch itself, with its own hint
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device, budget, where = _training_memory(cfg, machine, world)
+    parts = pretrain_memory(mc, cfg, world, device=device)
+    need = sum(parts.values())
+    if need > budget:
+        from llmctl.model.config import num_params
+
+        key, biggest = max(parts.items(), key=lambda kv: kv[1])
+        errors.append(
+            f"{key}: a {num_params(mc):,}-parameter model (n_layer {mc.n_layer}, n_embd {mc.n_embd:,}, "
+            f"max_seq_len {mc.max_seq_len:,}) at micro_batch_size {cfg.micro_batch_size} x seq_len "
+            f"{cfg.seq_len:,} needs at least ~{_size(need)} per process (~{_size(biggest)} for this key), "
+            f"and {where}"
+        )
+    return errors
+
+
+def _training_memory(cfg: Any, machine: Machine, world: int) -> tuple[str, int, str]:
+    """(device, bytes one training process may use, what that memory is, for the error)."""
+    if cfg.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            total = torch.cuda.get_device_properties(local % torch.cuda.device_count()).total_memory
+            return "cuda", total, f"GPU {local} has {_size(total)}"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    share = machine.memory_bytes // max(local_world, 1)
+    each = f" ({local_world} processes share {machine.memory})" if local_world > 1 else ""
+    return "cpu", share, f"this machine has {_size(share)} available{each}"
