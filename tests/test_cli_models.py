@@ -75,7 +75,7 @@ def test_import_generate_eval(tmp_path, hf_folder):
     assert gate.json()["gate_failures"] and gate.json()["artifact"] == "eval:v0001"  # reused, then gated
 
     compared = run_cli("eval", "compare", "eval:v1", "--json", cwd=project)
-    assert compared.code == 0 and any(row["metric"] == "world_mc/acc" for row in compared.json())
+    assert compared.code == 0 and any(row["metric"] == "world_mc/acc" for row in compared.json()["rows"])
 
 
 def test_model_reference_errors(tmp_path):

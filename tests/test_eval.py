@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmctl.errors import InputError
 from llmctl.evals.evaluate import check_thresholds, compare, evaluate, flat_metrics
@@ -27,14 +28,31 @@ def lm(model_dir) -> EvalLM:
     return EvalLM.from_folder(model_dir)
 
 
-def test_loglikelihood_is_independent_of_batching_and_grouping(lm):
+def _reference_loglik(lm: EvalLM, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """lm-eval's computation: one plain forward over (context + continuation)[-(L+1):][:-1]."""
+    seq = (ctx + cont)[-(lm.max_length + 1) :]
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([seq[:-1]]))[0, -len(cont) :].float()
+    logprobs = torch.log_softmax(logits, -1)
+    target = torch.tensor(cont)
+    return float(logprobs.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())
+
+
+def test_packed_shared_contexts_score_as_separate_sequences(lm):
+    long_choices = [" " + " ".join(f"word{j}" for j in range(k, k + 40)) for k in range(8)]
     reqs = [("The capital of France is", " Paris"), ("The capital of France is", " Berlin and more"),
-            ("Hi", " there"), ("", "Hello world"), ("A much longer context that goes on and on ", "end")]  # fmt: skip
-    one = [lm.loglikelihood([r], batch_size=1)[0] for r in reqs]
-    many = lm.loglikelihood(reqs, batch_size=16)
-    for a, b in zip(one, many, strict=True):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
-        assert a.is_greedy == b.is_greedy and a.n_tokens == b.n_tokens
+            ("The capital of France is", " a"), ("Hi", " there"), ("", "Hello world"),
+            ("A much longer context that goes on and on ", "end"), ("word " * 400, " end of it"),
+            *[("Pick the list:", c) for c in long_choices]]  # fmt: skip
+    pairs = [lm.encode_pair(c, x) for c, x in reqs]
+    # the eight long choices share a context but do not fit one row of the 256-token model
+    assert sum(len(pairs[-1 - j][1]) for j in range(8)) > lm.max_length
+    expected = [_reference_loglik(lm, ctx, cont) for ctx, cont in pairs]
+    for batch_tokens in (1, 300, 100_000):  # one row per forward, a few rows, everything at once
+        got = lm.loglikelihood(reqs, batch_tokens=batch_tokens)
+        for (logprob, greedy), r, (_, cont) in zip(expected, got, pairs, strict=True):
+            assert r.logprob == pytest.approx(logprob, abs=1e-4)
+            assert r.is_greedy == greedy and r.n_tokens == len(cont)
     # the trailing space moves onto the continuation (lm-eval's _encode_pair)
     assert lm.encode_pair("Answer: ", "x") == lm.encode_pair("Answer:", " x")
 
@@ -65,8 +83,19 @@ def test_world_mc_and_custom_tasks_write_results(model_dir, tmp_path):
     assert len((tmp_path / "samples/world_mc.jsonl").read_text().splitlines()) == 3
     flat = flat_metrics(results)
     assert {"world_mc/acc", "capitals/acc", "arith/exact_match"} <= set(flat)
-    rows = compare([tmp_path])
-    assert {"metric": "capitals/acc", str(tmp_path): flat["capitals/acc"]} in rows
+    everything = evaluate(
+        model_dir, ["world_mc"], world_items=25, samples_to_keep=None, out_dir=tmp_path / "all"
+    )
+    assert len((tmp_path / "all/samples/world_mc.jsonl").read_text().splitlines()) == 25  # --log-samples
+    compared = compare([tmp_path, tmp_path / "all"])
+    a, b = str(tmp_path), str(tmp_path / "all")
+    assert compared["evals"] == [{"eval": a, "model": str(model_dir)}, {"eval": b, "model": str(model_dir)}]
+    rows = {row["metric"]: row for row in compared["rows"]}
+    acc_a, acc_b = flat["world_mc/acc"], flat_metrics(everything)["world_mc/acc"]
+    assert rows["world_mc/acc"]["values"] == {a: acc_a, b: acc_b}
+    assert rows["world_mc/acc"]["delta"] == {b: pytest.approx(acc_b - acc_a)}
+    assert rows["capitals/acc"]["values"] == {a: flat["capitals/acc"], b: None}
+    assert rows["capitals/acc"]["delta"] == {b: None}
     assert check_thresholds(results, {"world_mc": 0.0}) == []
     assert check_thresholds(results, {"capitals/acc": 1.01}) == [
         f"capitals/acc = {flat['capitals/acc']:.4f} < 1.01"

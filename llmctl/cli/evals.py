@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmctl.cli.completion import complete_refs
-from llmctl.cli.models import CkptOption
+from llmctl.cli.models import CkptOption, Threads
 from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
 from llmctl.errors import UsageError
 
@@ -64,18 +64,29 @@ def _compare(ctx: typer.Context, refs: list[str], json_: bool) -> None:
     config, folder = state.load_project()
     ws = workspace_for(config, folder)
     artifacts = [ws.resolve(ref, kinds=("eval",)) for ref in refs]
-    rows = compare(artifacts)
+    compared = compare(artifacts)
 
     def render(console) -> None:
-        labels = [a.id for a in artifacts]
-        table = Table("metric", *labels)
-        for row in rows:
-            table.add_row(
-                row["metric"], *(f"{row[x]:.4f}" if isinstance(row[x], float) else "-" for x in labels)
-            )
+        def number(value, signed: bool = False) -> str:
+            return (f"{value:+.4f}" if signed else f"{value:.4f}") if isinstance(value, float) else "-"
+
+        first = compared["evals"][0]["eval"]
+        table = Table("metric")
+        for i, e in enumerate(compared["evals"]):
+            # Each eval's column is headed by the model it scored; later ones get a delta vs the first.
+            table.add_column(f"{e['eval']}\n{e['model'] or '?'}", justify="right")
+            if i:
+                table.add_column(f"Δ vs {first}", justify="right")
+        for row in compared["rows"]:
+            cells = [row["metric"]]
+            for i, e in enumerate(compared["evals"]):
+                cells.append(number(row["values"][e["eval"]]))
+                if i:
+                    cells.append(number(row["delta"][e["eval"]], signed=True))
+            table.add_row(*cells)
         console.print(table)
 
-    out.result(rows, render)
+    out.result(compared, render)
 
 
 def eval_(
@@ -99,8 +110,22 @@ def eval_(
     limit: Annotated[int | None, typer.Option("--limit", help="At most N items per task.")] = None,
     shots: Annotated[int | None, typer.Option("--shots", help="Few-shot examples (mmlu, gsm8k).")] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Sequences per forward pass.")
+        int | None,
+        typer.Option("--batch-size", help="Prompts per generation batch (gsm8k, generative tasks)."),
     ] = None,
+    batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-tokens", help="Tokens per scoring forward pass, padding included (default 4096)."
+        ),
+    ] = None,
+    log_samples: Annotated[
+        bool,
+        typer.Option(
+            "--log-samples",
+            help="Keep every item in samples/TASK.jsonl (default: the first eval.samples_to_keep).",
+        ),
+    ] = False,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -112,6 +137,7 @@ def eval_(
         typer.Option("--min", help="Gate: exit 1 when TASK (or TASK/METRIC) scores below SCORE. Repeatable."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Few-shot sampling seed.")] = None,
+    threads: Threads = None,
     force: ForceOption = False,
     sets: SetOption = None,
     json_: JsonOption = False,
@@ -131,6 +157,10 @@ def eval_(
         _compare(ctx, tasks[1:], json_)
         return
     minimums = _parse_minimums(minimum)
+    if threads is not None:
+        from llmctl.threads import set_thread_budget
+
+        set_thread_budget(threads)  # this process's ceiling; evaluation uses it (capped at the cores)
     options: dict[str, Any] = {
         key: value
         for key, value in {
@@ -138,6 +168,8 @@ def eval_(
             "limit": limit,
             "shots": shots,
             "batch_size": batch_size,
+            "batch_tokens": batch_tokens,
+            "log_samples": log_samples or None,
             "data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,
             "seed": seed,
         }.items()
@@ -154,14 +186,17 @@ def eval_(
         results = evaluate_folder(plain, EvalConfig(), options, reporter=out.reporter())
         artifact_id = None
     else:
-        from llmctl.stages.runner import run_stage
+        from llmctl.stages.runner import run_stage, workspace_for
 
         config, folder = state.load_project(sets)
+        # Say which model `latest` (or any reference) is, and evaluate exactly that one.
+        model = workspace_for(config, folder).resolve(ckpt, kinds=("model",))
+        out.reporter().log(f"model: {model.id}" + ("" if ckpt == model.id else f" (--ckpt {ckpt})"))
         outcome = run_stage(
             "eval",
             config,
             folder,
-            refs={"model": ckpt, **({"data": data} if data else {})},
+            refs={"model": model.id, **({"data": data} if data else {})},
             force=force,
             reporter=out.reporter(),
             options=options,

@@ -50,7 +50,13 @@ class EvalConfig(Section):
         "(gsm8k 5, others 0).",
     )
     batch_size: int = Field(
-        default=16, ge=1, description="Requests (continuations or prompts) per forward pass."
+        default=16, ge=1, description="Prompts per generation batch, and windows per perplexity forward."
+    )
+    batch_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Scoring (log-likelihood) batches: at most this many tokens, padding included, per "
+        "forward pass; contexts shared by several choices count once. Lower it if memory runs out.",
     )
     data_dir: str | None = Field(
         default=None,
@@ -62,6 +68,11 @@ class EvalConfig(Section):
         default=20,
         ge=0,
         description="Rendered prompts and model answers kept per task in samples/<task>.jsonl.",
+    )
+    log_samples: bool = Field(
+        default=False,
+        description="Keep every item in samples/<task>.jsonl (lm-eval's --log_samples), not only the "
+        "first samples_to_keep.",
     )
     seed: int = Field(default=1234, description="Seed of few-shot sampling (lm-eval's default is 1234).")
     max_gen_tokens: int = Field(

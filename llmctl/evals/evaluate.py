@@ -4,7 +4,7 @@
                        out_dir=Path("out"))      # writes out/results.json and out/samples/<task>.jsonl
     results["tasks"]["arc_easy"]["metrics"]["acc"]
     flat_metrics(results)                        # {"arc_easy/acc": 0.71, ...} for the manifest
-    compare([eval_dir_a, eval_dir_b])            # table rows across checkpoints
+    compare([eval_dir_a, eval_dir_b])            # scores side by side, deltas vs the first
     check_thresholds(results, {"arc_easy": 0.5}) # ["arc_easy/acc = 0.41 < 0.5"]
 
 Standard errors are lm-eval's: the sample standard deviation of per-item scores over sqrt(n), which
@@ -27,7 +27,7 @@ import torch
 from llmctl.errors import InputError
 from llmctl.evals import data as evdata
 from llmctl.evals import tasks as T
-from llmctl.evals.lm import EvalLM, LogLik, set_threads
+from llmctl.evals.lm import DEFAULT_BATCH_TOKENS, EvalLM, LogLik, set_threads
 from llmctl.reporting import Reporter
 
 RESULTS_FILE = "results.json"
@@ -257,9 +257,10 @@ def evaluate(
     limit: int | None = None,
     shots: dict[str, int] | None = None,
     batch_size: int = 16,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     data_dir: Path | None = None,
     custom: Sequence[dict[str, Any]] = (),
-    samples_to_keep: int = 20,
+    samples_to_keep: int | None = 20,
     seed: int = T.LM_EVAL_FEWSHOT_SEED,
     max_gen_tokens: int = 256,
     perplexity_data: Path | None = None,
@@ -271,7 +272,8 @@ def evaluate(
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Score `model` (a model folder or an EvalLM) on `tasks`; write results.json and samples/ to
-    out_dir when given. `perplexity_data` is a tokens artifact folder or a text file."""
+    out_dir when given (the first `samples_to_keep` items per task; None: all, lm-eval's
+    --log_samples). `perplexity_data` is a tokens artifact folder or a text file."""
     reporter = reporter or Reporter()
     shots = dict(shots or {})
     custom_map = {c["name"]: dict(c) for c in custom}
@@ -296,7 +298,13 @@ def evaluate(
             "max_gen_tokens": max_gen_tokens,
             "dtype": str(next(lm.model.parameters()).dtype),
         },
-        "settings": {"limit": limit, "batch_size": batch_size, "seed": seed, "threads": n_threads},
+        "settings": {
+            "limit": limit,
+            "batch_size": batch_size,
+            "batch_tokens": batch_tokens,
+            "seed": seed,
+            "threads": n_threads,
+        },
         "tasks": {},
     }
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -353,7 +361,7 @@ def evaluate(
                 sizes = [len(item.requests) for item in items]
                 # The bar counts items; the engine reports requests, so scale by requests per item.
                 ratio = len(items) / max(1, len(requests))
-                lls = lm.loglikelihood(requests, batch_size=batch_size, progress=_Scaled(bar, ratio))
+                lls = lm.loglikelihood(requests, batch_tokens=batch_tokens, progress=_Scaled(bar, ratio))
                 if kind == "multiple_choice":
                     per, details = score_multiple_choice(items, lls, acc_norm=bool(spec and spec.acc_norm))
                 else:
@@ -464,16 +472,34 @@ def load_results(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def compare(artifacts: Sequence[Any]) -> list[dict[str, Any]]:
-    """Rows {"metric", <label>: value, ...} across eval artifacts (Artifact objects or folders),
-    one row per task/metric present in any of them (missing values are None)."""
+def compare(artifacts: Sequence[Any]) -> dict[str, Any]:
+    """Scores of several eval artifacts (Artifact objects or folders) side by side:
+
+        {"evals": [{"eval": label, "model": the model id it scored}, ...],
+         "rows": [{"metric": "task/metric", "values": {label: value}, "delta": {label: value - first}}]}
+
+    one row per task/metric present in any of them (missing values, and their deltas, are None);
+    deltas are against the first eval, for every later one."""
+    evals: list[dict[str, Any]] = []
     columns: list[tuple[str, dict[str, float]]] = []
     for a in artifacts:
         path = getattr(a, "path", a)
         label = getattr(a, "id", str(path))
-        columns.append((label, flat_metrics(load_results(path))))
+        results = load_results(path)
+        evals.append({"eval": label, "model": results.get("model")})
+        columns.append((label, flat_metrics(results)))
     keys = sorted({k for _, flat in columns for k in flat})
-    return [{"metric": k, **{label: flat.get(k) for label, flat in columns}} for k in keys]
+    first = columns[0][1] if columns else {}
+    rows = []
+    for k in keys:
+        base = first.get(k)
+        values = {label: flat.get(k) for label, flat in columns}
+        delta = {
+            label: None if base is None or flat.get(k) is None else flat[k] - base
+            for label, flat in columns[1:]
+        }
+        rows.append({"metric": k, "values": values, "delta": delta})
+    return {"evals": evals, "rows": rows}
 
 
 def _primary(results: dict[str, Any], task: str) -> str:

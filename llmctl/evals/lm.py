@@ -12,16 +12,19 @@ in `transformers`, which is lm-eval's default): llmctl tokenizers add BOS, since
 document starts with it. Too-long inputs are cut from the left to the model's context.
 
 Why not one forward per (context, continuation) like lm-eval: multiple-choice items share their
-context across choices. Requests with identical context tokens are grouped; the context is run once
-(left-padded batch, KV cache), its cache is copied to one row per continuation, and only the
-continuation tokens run again. Logits are computed only where they are scored. The result is the same
-numbers (fp32; to ~1e-5) for a fraction of the compute: one-token continuations (MMLU's " A".." D")
-need no second forward at all.
+context across choices. Requests with identical context tokens are grouped and each group is packed
+into one row: the context once, then every continuation's tokens, with an attention mask that lets a
+continuation see the context and its own earlier tokens only, and position ids that restart at the
+context's end for each continuation. So each token's logits are exactly those of lm-eval's separate
+sequence (fp32; to ~1e-5), while the context runs once instead of once per choice. Rows are sorted
+by length and batched by a token budget (`batch_tokens`, padded tokens per forward), so batches are
+as large as memory allows and padding is small; lm_head and the log-softmax run only at scored
+positions (HellaSwag: ~180 instead of ~420 tokens per item, and a quarter of the vocabulary
+projections).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +34,24 @@ import torch
 from llmctl.errors import InputError
 from llmctl.model.checkpoint import load_model_folder
 from llmctl.model.engine import Engine, SamplingParams
-from llmctl.model.transformer import KVCache, Transformer
+from llmctl.model.transformer import Transformer
 from llmctl.reporting import ProgressTask
+from llmctl.threads import apply_threads, choose_threads
+
+DEFAULT_BATCH_TOKENS = 4096  # padded tokens per scoring forward (eval.batch_tokens)
+LOGITS_CHUNK = 256  # scored positions per lm_head call: (256, vocab) fp32 logits at a time
+
+
+@dataclass
+class _Row:
+    """One packed scoring row: a context once, then the inputs of each member's continuation."""
+
+    context: tuple[int, ...]
+    members: list[tuple[int, list[int]]]  # (request index, continuation tokens)
+
+    @property
+    def length(self) -> int:
+        return len(self.context) + sum(len(cont) - 1 for _, cont in self.members)
 
 
 @dataclass(frozen=True)
@@ -45,10 +64,9 @@ class LogLik:
 
 
 def set_threads(threads: int | None) -> int:
-    """Use `threads` torch threads (default: every core); returns the number set."""
-    n = max(1, min(threads or os.cpu_count() or 1, os.cpu_count() or 1))
-    torch.set_num_threads(n)
-    return n
+    """Use `threads` torch threads, at most the cores this process may use (default: those cores,
+    see llmctl.threads); returns the number set."""
+    return apply_threads(choose_threads(threads))
 
 
 class EvalLM:
@@ -114,24 +132,44 @@ class EvalLM:
         self,
         requests: Sequence[tuple[str, str]],
         *,
-        batch_size: int = 16,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         progress: ProgressTask | None = None,
     ) -> list[LogLik]:
         """Score each (context, continuation) pair; see the module docstring for how."""
         pairs = [self.encode_pair(c, x) for c, x in requests]
-        return self.loglikelihood_tokens(pairs, batch_size=batch_size, progress=progress)
+        return self.loglikelihood_tokens(pairs, batch_tokens=batch_tokens, progress=progress)
 
     def loglikelihood_tokens(
         self,
         pairs: Sequence[tuple[list[int], list[int]]],
         *,
-        batch_size: int = 16,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         progress: ProgressTask | None = None,
     ) -> list[LogLik]:
-        """Score token-level (context, continuation) pairs, grouping requests that share a context."""
+        """Score token-level (context, continuation) pairs: one packed row per shared context,
+        rows sorted by length and batched up to `batch_tokens` (padded) tokens per forward."""
+        rows = self._pack_rows(pairs)
+        lengths = [row.length for row in rows]
+        # Longest first (lm-eval's order): memory peaks at once, and neighbours pad each other little.
+        order = sorted(range(len(rows)), key=lambda r: -lengths[r])
+        results: list[LogLik | None] = [None] * len(pairs)
+        batch: list[_Row] = []
+        for r in order:
+            # The batch's first row is its longest, so its padded size is len(batch) * that length.
+            if batch and (len(batch) + 1) * batch[0].length > batch_tokens:
+                self._score_rows(batch, results, progress)
+                batch = []
+            batch.append(rows[r])
+        if batch:
+            self._score_rows(batch, results, progress)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _pack_rows(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[_Row]:
+        """Group requests by their (cut) context tokens and pack each group into rows of at most
+        the model's context: the context once, then every member's continuation inputs."""
         L = self.max_length
-        groups: dict[tuple[int, ...], list[int]] = {}
-        conts: list[list[int]] = []
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise InputError(
@@ -148,85 +186,86 @@ class EvalLM:
             keep = L + 1 - len(cont)
             ctx = ctx[-keep:] if len(ctx) > keep else ctx
             assert ctx, f"request {i} has no context token"
-            groups.setdefault(tuple(ctx), []).append(i)
-            conts.append(list(cont))
-
-        # Longest first (lm-eval's order): memory peaks at once, and the padding in a batch is small.
-        order = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(conts[i]) for i in g[1])))
-        results: list[LogLik | None] = [None] * len(pairs)
-        batch: list[tuple[tuple[int, ...], list[int]]] = []
-        n_rows = 0
-        for group in order:
-            batch.append(group)
-            n_rows += len(group[1])
-            if n_rows >= batch_size:
-                self._score_batch(batch, conts, results)
-                if progress is not None:
-                    progress.advance(n_rows)
-                batch, n_rows = [], 0
-        if batch:
-            self._score_batch(batch, conts, results)
-            if progress is not None:
-                progress.advance(n_rows)
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+            groups.setdefault(tuple(ctx), []).append((i, list(cont)))
+        rows = []
+        for ctx, members in groups.items():
+            row = _Row(ctx, [])
+            for member in members:
+                # Each continuation fits beside its context (cut above); a full row starts another.
+                if row.members and row.length + len(member[1]) - 1 > L:
+                    rows.append(row)
+                    row = _Row(ctx, [])
+                row.members.append(member)
+            rows.append(row)
+        return rows
 
     @torch.inference_mode()
-    def _score_batch(
-        self,
-        batch: list[tuple[tuple[int, ...], list[int]]],
-        conts: list[list[int]],
-        results: list[LogLik | None],
+    def _score_rows(
+        self, batch: list[_Row], results: list[LogLik | None], progress: ProgressTask | None
     ) -> None:
-        model, cfg, dev = self.model, self.model.config, self.device
-        G = len(batch)
-        ctx_lens = [len(ctx) for ctx, _ in batch]
-        Lc = max(ctx_lens)
-        idx = torch.zeros((G, Lc), dtype=torch.long)
-        mask = torch.ones((G, Lc), dtype=torch.long)
-        for g, (ctx, _) in enumerate(batch):
-            idx[g, Lc - len(ctx) :] = torch.tensor(ctx)
-            mask[g, : Lc - len(ctx)] = 0
-        ragged = min(ctx_lens) != Lc
-        idx, mask = idx.to(dev), mask.to(dev)
-        pre = KVCache(cfg, G, Lc, device=dev, dtype=next(model.parameters()).dtype)
-        last = model(idx, cache=pre, attention_mask=mask if ragged else None, logits_to_keep=1)[:, -1]
-        last = torch.log_softmax(last.float(), dim=-1)  # (G, V): scores each continuation's first token
+        """One forward over right-padded packed rows; lm_head and log-softmax only where scored."""
+        model, dev = self.model, self.device
+        B, N = len(batch), max(row.length for row in batch)
+        idx = torch.zeros((B, N), dtype=torch.long)
+        pos = torch.zeros((B, N), dtype=torch.long)
+        seg = torch.full((B, N), -1, dtype=torch.long)  # 0: context, s: s-th continuation, -1: padding
+        sources: list[int] = []  # flat (b * N + t) positions whose next-token logits are scored
+        token_source: list[int] = []  # per scored token: its index into sources
+        targets: list[int] = []
+        requests: list[tuple[int, int]] = []  # (request, n_tokens)
+        for b, row in enumerate(batch):
+            Lc = len(row.context)
+            idx[b, :Lc] = torch.tensor(row.context)
+            pos[b, :Lc] = torch.arange(Lc)
+            seg[b, :Lc] = 0
+            last = len(sources)
+            sources.append(b * N + Lc - 1)  # predicts every continuation's first token
+            t = Lc
+            for s, (i, cont) in enumerate(row.members, 1):
+                k = len(cont) - 1  # the continuation's tokens that are inputs (all but its last)
+                if k:
+                    idx[b, t : t + k] = torch.tensor(cont[:-1])
+                    pos[b, t : t + k] = torch.arange(Lc, Lc + k)
+                    seg[b, t : t + k] = s
+                token_source += [last, *range(len(sources), len(sources) + k)]
+                sources += range(b * N + t, b * N + t + k)
+                targets += cont
+                requests.append((i, len(cont)))
+                t += k
+        # A continuation token sees the context and the earlier tokens of its own continuation;
+        # padding sees only itself (an all-masked softmax row would be NaN).
+        causal = torch.ones((N, N), dtype=torch.bool).tril()
+        same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # (B, Tq, Tk)
+        mask = (causal & same) | torch.eye(N, dtype=torch.bool)
+        hidden = model(
+            idx.to(dev), attention_mask=mask[:, None].to(dev), position_ids=pos.to(dev), return_hidden=True
+        ).flatten(0, 1)  # (B * N, C)
 
-        rows = [(g, i) for g, (_, members) in enumerate(batch) for i in members]
-        Lk = max(len(conts[i]) for _, i in rows) - 1  # continuation tokens that are model inputs
-        rest = None
-        if Lk > 0:
-            B = len(rows)
-            row_group = torch.tensor([g for g, _ in rows], device=dev)
-            cache = KVCache(cfg, B, Lc + Lk, device=dev, dtype=pre.k.dtype)
-            cache.k[:, :, :, :Lc] = pre.k.index_select(1, row_group)
-            cache.v[:, :, :, :Lc] = pre.v.index_select(1, row_group)
-            cache.pos = Lc
-            inp = torch.zeros((B, Lk), dtype=torch.long)
-            for r, (_, i) in enumerate(rows):
-                c = conts[i][:-1]
-                inp[r, : len(c)] = torch.tensor(c, dtype=torch.long)
-            # Right padding after the continuation is never attended by real tokens (causal), so
-            # only the context's left padding needs a mask.
-            full_mask = None
-            if ragged:
-                full_mask = torch.cat(
-                    [mask.index_select(0, row_group), torch.ones((B, Lk), dtype=torch.long, device=dev)], 1
-                )
-            rest = model(inp.to(dev), cache=cache, attention_mask=full_mask)  # (B, Lk, V)
-
-        for r, (g, i) in enumerate(rows):
-            cont = conts[i]
-            n = len(cont)
-            if n > 1:
-                logits = torch.cat([last[g : g + 1], torch.log_softmax(rest[r, : n - 1].float(), dim=-1)])
-            else:
-                logits = last[g : g + 1]
-            target = torch.tensor(cont, device=dev)
-            lp = logits.gather(1, target[:, None]).sum().item()
-            greedy = bool((logits.argmax(-1) == target).all())
-            results[i] = LogLik(lp, greedy, n)
+        src = torch.tensor(sources, device=dev)
+        logprob = torch.empty(len(sources), dtype=torch.float32, device=dev)
+        tok_src = torch.tensor(token_source, device=dev)
+        tgt = torch.tensor(targets, device=dev)
+        # Per scored source, the log-prob of each target drawn from it and the greedy token; the
+        # (rows, vocab) logits are made in chunks so their memory stays bounded.
+        tok_logprob = torch.empty(len(targets), dtype=torch.float32, device=dev)
+        greedy_tok = torch.empty(len(sources), dtype=torch.long, device=dev)
+        for lo in range(0, len(sources), LOGITS_CHUNK):
+            logits = model.lm_head(hidden[src[lo : lo + LOGITS_CHUNK]]).float()
+            greedy_tok[lo : lo + LOGITS_CHUNK] = logits.argmax(-1)
+            logprob = torch.log_softmax(logits, dim=-1)
+            sel = (tok_src >= lo) & (tok_src < lo + LOGITS_CHUNK)
+            tok_logprob[sel] = logprob[tok_src[sel] - lo, tgt[sel]]
+        hit = (greedy_tok[tok_src] == tgt).cpu()
+        tok_logprob = tok_logprob.double().cpu()
+        start = 0
+        for i, n in requests:
+            results[i] = LogLik(
+                float(tok_logprob[start : start + n].sum()), bool(hit[start : start + n].all()), n
+            )
+            start += n
+        assert start == len(targets), (start, len(targets))
+        if progress is not None:
+            progress.advance(len(requests))
 
     # -- generation ------------------------------------------------------------------------------
     def generate_until(

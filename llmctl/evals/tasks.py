@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from llmctl.errors import ConfigError, InputError
@@ -102,9 +103,55 @@ class Item:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class Row:
+    """One data row of a task, read with the checks a user's file needs: each accessor returns the
+    field or raises an InputError that names the file and line, the field and what was expected."""
+
+    def __init__(self, data: dict[str, Any], task: str, schema: str):
+        self.data, self.task, self.schema = data, task, schema
+        file, line = data.get("_file"), data.get("_line")
+        self.where = f"{file}:{line}" if file and line else str(file or task)
+
+    def fail(self, what: str) -> InputError:
+        fields = sorted(k for k in self.data if not k.startswith("_"))
+        return InputError(
+            f"{self.where}: {what}",
+            hint=f"{self.task} rows are {self.schema}; this row has {', '.join(fields) or 'no fields'}",
+        )
+
+    def get(self, key: str) -> Any:
+        if key not in self.data or self.data[key] is None:
+            raise self.fail(f"no {key!r} field")
+        return self.data[key]
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        if not isinstance(value, str):
+            raise self.fail(f"{key!r} must be text, got {value!r:.60}")
+        return value
+
+    def texts(self, key: str, n: int | None = None) -> list[str]:
+        value = self.get(key)
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise self.fail(f"{key!r} must be a list of texts, got {value!r:.60}")
+        if n is not None and len(value) != n:
+            raise self.fail(f"{key!r} must hold {n} texts, got {len(value)}")
+        return list(value)
+
+    def index(self, key: str, n: int, letters: str = "") -> int:
+        """A 0-based choice index below n: an int, a digit string, or one of `letters` (A-D)."""
+        value = self.get(key)
+        text = str(value).strip()
+        if letters and len(text) == 1 and text.upper() in letters[:n]:
+            return letters.index(text.upper())
+        if isinstance(value, int | str) and text.isdigit() and int(text) < n:
+            return int(text)
+        accepted = f"0-{n - 1}" + (f" or {letters[0]}-{letters[n - 1]}" if letters else "")
+        raise self.fail(f"{key!r} must be a choice index ({accepted}), got {value!r:.60}")
+
+
 def _mc(context: str, choices: list[str], gold: int, group: str | None = None, delimiter: str = " ") -> Item:
-    if not 0 <= gold < len(choices):
-        raise InputError(f"gold index {gold} is outside the {len(choices)} choices of {context[:60]!r}")
+    assert 0 <= gold < len(choices), (gold, len(choices))
     return Item(
         requests=tuple((context, delimiter + c) for c in choices),
         gold=gold,
@@ -116,26 +163,50 @@ def _mc(context: str, choices: list[str], gold: int, group: str | None = None, d
 # ---- MMLU ----------------------------------------------------------------------------------------
 
 
-def _mmlu_row(row: dict[str, Any]) -> dict[str, Any]:
-    """One MMLU row as {subject, question, choices, answer} from the hub's or the CSV layout."""
-    if "_row" in row:  # original CSV: question, A, B, C, D, letter; subject from the file name
-        cells = row["_row"]
+MMLU_SCHEMA = (
+    "{subject, question, choices: 4 texts, answer: 0-3} (the hub), `question,A,B,C,D,answer` CSV "
+    "lines with answers A-D (the original release, subject from SUBJECT_test.csv), or a CSV with a "
+    "header naming question, four choice columns (A-D or choice0-choice3) and answer (A-D or 0-3)"
+)
+_MMLU_CHOICE_COLUMNS = (("a", "b", "c", "d"), ("choice0", "choice1", "choice2", "choice3"),
+                        ("choice1", "choice2", "choice3", "choice4"))  # fmt: skip
+
+
+def _mmlu_subject(row: Row) -> str:
+    if "subject" in row.data:
+        return row.text("subject")
+    name = Path(str(row.data.get("_file", ""))).name
+    subject = re.sub(r"_(test|dev|val)\.csv$", "", name)
+    if subject not in MMLU_SUBJECTS:
+        raise row.fail(
+            f"no subject: neither a `subject` field nor a SUBJECT_test.csv file name ({name!r}) "
+            "naming one of lm-eval's 57 MMLU subjects"
+        )
+    return subject
+
+
+def _mmlu_row(data: dict[str, Any]) -> dict[str, Any]:
+    """One MMLU row as {subject, question, choices, answer} from the hub's or a CSV layout."""
+    row = Row(data, "mmlu", MMLU_SCHEMA)
+    if "_cells" in data:  # original CSV: question, A, B, C, D, letter; subject from the file name
+        cells = data["_cells"]
         if len(cells) != 6:
-            raise InputError(
-                f"{row['_file']}: MMLU rows have 6 columns (question, A-D, answer), got {len(cells)}"
-            )
-        subject = re.sub(r"_(test|dev|val)\.csv$", "", row["_file"])
-        return {
-            "subject": subject,
-            "question": cells[0],
-            "choices": cells[1:5],
-            "answer": "ABCD".index(cells[5].strip()),
-        }
+            raise row.fail(f"expected 6 CSV columns (question, A, B, C, D, answer), got {len(cells)}")
+        row = Row({**data, "answer": cells[5]}, "mmlu", MMLU_SCHEMA)
+        question, choices = cells[0], cells[1:5]
+    elif "choices" in data:
+        question, choices = row.text("question"), row.texts("choices", 4)
+    else:  # a CSV with a header
+        columns = next((c for c in _MMLU_CHOICE_COLUMNS if set(c) <= set(data)), None)
+        if columns is None:
+            raise row.fail("no choice columns: expected A, B, C, D or choice0..choice3")
+        question, choices = row.text("question"), [row.text(c) for c in columns]
     return {
-        "subject": row["subject"],
-        "question": row["question"],
-        "choices": list(row["choices"]),
-        "answer": int(row["answer"]),
+        "where": row.where,
+        "subject": _mmlu_subject(row),
+        "question": question,
+        "choices": choices,
+        "answer": row.index("answer", 4, letters="ABCD"),
     }
 
 
@@ -157,7 +228,8 @@ def build_mmlu(rows: list[dict[str, Any]], dev_rows: list[dict[str, Any]], shots
         subject = doc["subject"]
         if subject not in MMLU_SUBJECTS:
             raise InputError(
-                f"unknown MMLU subject {subject!r}", hint="subjects are lm-eval's 57 MMLU subjects"
+                f"{doc['where']}: unknown MMLU subject {subject!r}",
+                hint="subjects are lm-eval's 57 MMLU subjects (e.g. abstract_algebra)",
             )
         prefix = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         if shots:
@@ -184,47 +256,82 @@ def hellaswag_preprocess(text: str) -> str:
 
 
 def build_hellaswag(rows: list[dict[str, Any]]) -> list[Item]:
+    schema = "{activity_label, ctx_a, ctx_b, endings: texts, label: index of the right ending}"
     items = []
-    for doc in rows:
-        ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        query = hellaswag_preprocess(doc["activity_label"] + ": " + ctx)
-        choices = [hellaswag_preprocess(e) for e in doc["endings"]]
-        items.append(_mc(query, choices, int(doc["label"])))
+    for data in rows:
+        row = Row(data, "hellaswag", schema)
+        ctx = row.text("ctx_a") + " " + row.text("ctx_b").capitalize()
+        query = hellaswag_preprocess(row.text("activity_label") + ": " + ctx)
+        endings = row.texts("endings")
+        choices = [hellaswag_preprocess(e) for e in endings]
+        items.append(_mc(query, choices, row.index("label", len(choices))))
     return items
 
 
-def build_arc(rows: list[dict[str, Any]]) -> list[Item]:
+def build_arc(rows: list[dict[str, Any]], task: str = "arc") -> list[Item]:
+    schema = (
+        "{question, choices: {text: [...], label: [...]}, answerKey} (the hub) or {question: {stem, "
+        "choices: [{text, label}]}, answerKey} (the original release)"
+    )
     items = []
-    for doc in rows:
-        q = doc["question"]
+    for data in rows:
+        row = Row(data, task, schema)
+        q = row.get("question")
         if isinstance(q, dict):  # the original release: {"question": {"stem", "choices": [{text, label}]}}
-            texts = [c["text"] for c in q["choices"]]
-            labels = [c["label"] for c in q["choices"]]
-            q = q["stem"]
+            inner = Row({**q, "_file": data.get("_file"), "_line": data.get("_line")}, task, schema)
+            options = inner.get("choices")
+            if not isinstance(options, list) or not all(isinstance(c, dict) for c in options):
+                raise row.fail(f"question.choices must be a list of {{text, label}}, got {options!r:.60}")
+            opts = [
+                Row({**c, "_file": data.get("_file"), "_line": data.get("_line")}, task, schema)
+                for c in options
+            ]
+            texts, labels = [o.text("text") for o in opts], [o.text("label") for o in opts]
+            q = inner.text("stem")
         else:
-            texts, labels = list(doc["choices"]["text"]), list(doc["choices"]["label"])
-        items.append(_mc(f"Question: {q}\nAnswer:", texts, labels.index(doc["answerKey"])))
+            q = row.text("question")
+            choices = row.get("choices")
+            if not isinstance(choices, dict):
+                raise row.fail(f"'choices' must be {{text: [...], label: [...]}}, got {choices!r:.60}")
+            inner = Row({**choices, "_file": data.get("_file"), "_line": data.get("_line")}, task, schema)
+            texts, labels = inner.texts("text"), inner.texts("label")
+        key = str(row.get("answerKey"))
+        if len(texts) != len(labels) or key not in labels:
+            raise row.fail(f"answerKey {key!r} is not one of the choice labels {labels}")
+        items.append(_mc(f"Question: {q}\nAnswer:", texts, labels.index(key)))
     return items
 
 
 def build_piqa(rows: list[dict[str, Any]]) -> list[Item]:
-    return [_mc(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"])) for d in rows]
+    schema = "{goal, sol1, sol2, label: 0 or 1}"
+    items = []
+    for data in rows:
+        row = Row(data, "piqa", schema)
+        choices = [row.text("sol1"), row.text("sol2")]
+        items.append(_mc(f"Question: {row.text('goal')}\nAnswer:", choices, row.index("label", 2)))
+    return items
 
 
 def build_winogrande(rows: list[dict[str, Any]]) -> list[Item]:
     """Partial scoring (lm-eval): each option substituted into the sentence up to the blank is a
     context; the rest of the sentence after the blank is the one continuation scored."""
+    schema = "{sentence with one _, option1, option2, answer: 1 or 2}"
     items = []
-    for doc in rows:
-        sentence = doc["sentence"]
+    for data in rows:
+        row = Row(data, "winogrande", schema)
+        sentence = row.text("sentence")
+        if "_" not in sentence:
+            raise row.fail(f"the sentence has no blank (_) to fill: {sentence!r:.60}")
         idx = sentence.index("_")
         target = sentence[idx + 1 :].strip()
-        contexts = [sentence[:idx] + opt for opt in (doc["option1"], doc["option2"])]
-        gold = {"1": 0, "2": 1}[str(doc["answer"])]
+        contexts = [sentence[:idx] + opt for opt in (row.text("option1"), row.text("option2"))]
+        answer = str(row.get("answer")).strip()
+        if answer not in ("1", "2"):
+            raise row.fail(f"'answer' must be 1 or 2, got {answer!r:.60}")
         items.append(
             Item(
                 requests=tuple((c, " " + target) for c in contexts),
-                gold=gold,
+                gold=int(answer) - 1,
                 choice_lengths=(len(target), len(target)),
             )
         )
@@ -233,8 +340,11 @@ def build_winogrande(rows: list[dict[str, Any]]) -> list[Item]:
 
 def build_lambada(rows: list[dict[str, Any]]) -> list[Item]:
     items = []
-    for doc in rows:
-        words = doc["text"].split(" ")
+    for data in rows:
+        row = Row(data, "lambada", "{text: a passage whose last word is predicted}")
+        words = row.text("text").split(" ")
+        if len(words) < 2:
+            raise row.fail("'text' needs at least two words (the last one is the target)")
         items.append(Item(requests=((" ".join(words[:-1]), " " + words[-1]),)))
     return items
 
@@ -247,6 +357,11 @@ def build_gsm8k(
 ) -> list[Item]:
     """lm-eval `gsm8k`: `shots` random train examples per question (random.Random(seed).sample per
     document, in order, as lm-eval's default sampler with fewshot_random_seed=1234), "\\n\\n"-joined."""
+    schema = "{question, answer: worked solution ending in #### N}"
+    rows = [{"question": r.text("question"), "answer": r.text("answer")}
+            for r in (Row(d, "gsm8k", schema) for d in rows)]  # fmt: skip
+    train_rows = [{"question": r.text("question"), "answer": r.text("answer")}
+                  for r in (Row(d, "gsm8k", schema) for d in train_rows)]  # fmt: skip
     rnd = random.Random(seed)
     items = []
     for doc in rows:
@@ -316,39 +431,34 @@ def score_generation(item: Item, response: str) -> dict[str, float]:
 def build_custom_mc(rows: list[dict[str, Any]], source: str, delimiter: str = "") -> list[Item]:
     """Rows {"query", "choices", "gold"}: each choice is scored as a continuation of query. Choices
     are appended as written (`delimiter` "" by default: include a leading space in the choice)."""
+    schema = "{query, choices: list of texts, gold: index of the right choice}"
     items = []
-    for n, row in enumerate(rows, 1):
-        try:
-            query, choices, gold = row["query"], list(row["choices"]), int(row["gold"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(
-                f"{source}: row {n}: multiple-choice rows need query, choices (list) and gold (int): {e}"
-            ) from None
-        items.append(_mc(query, choices, gold, row.get("group"), delimiter))
+    for data in rows:
+        row = Row({"_file": source, **data}, source, schema)
+        choices = row.texts("choices")
+        group = data.get("group")
+        items.append(_mc(row.text("query"), choices, row.index("gold", len(choices)), group, delimiter))
     return items
 
 
 def build_custom_generative(rows: list[dict[str, Any]], source: str, until: tuple[str, ...]) -> list[Item]:
     """Rows {"prompt", "answer", "match": exact|regex, "pattern"}: greedy generation, then the answer
     is compared (stripped) to the whole response (exact) or the first regex match."""
+    schema = "{prompt, answer, match: exact|regex, pattern (for regex)}"
     items = []
-    for n, row in enumerate(rows, 1):
-        if "prompt" not in row or "answer" not in row:
-            raise InputError(f"{source}: row {n}: generative rows need prompt and answer")
-        match = row.get("match", "exact")
+    for data in rows:
+        row = Row({"_file": source, **data}, source, schema)
+        prompt, answer = str(row.get("prompt")), str(row.get("answer"))
+        match = data.get("match", "exact")
         if match not in ("exact", "regex"):
-            raise InputError(f"{source}: row {n}: match must be exact or regex, got {match!r}")
-        if match == "regex" and not row.get("pattern"):
-            raise InputError(f"{source}: row {n}: match: regex needs a pattern")
-        items.append(
-            Item(
-                prompt=str(row["prompt"]),
-                answer=str(row["answer"]),
-                until=until,
-                match=match,
-                pattern=row.get("pattern"),
-            )
-        )
+            raise row.fail(f"'match' must be exact or regex, got {match!r}")
+        pattern = row.text("pattern") if match == "regex" else None
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise row.fail(f"'pattern' is not a valid regular expression: {e}") from None
+        items.append(Item(prompt=prompt, answer=answer, until=until, match=match, pattern=pattern))
     return items
 
 

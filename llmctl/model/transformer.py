@@ -432,6 +432,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         reduction: str = "mean",
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for idx (B, T); or the cross-entropy loss when targets (B, T) are given.
 
@@ -440,13 +441,19 @@ class Transformer(nn.Module):
         - cache: a KVCache; keys/values of idx are written at cache.pos, attention covers the cache.
         - attention_mask: (B, S) with 1 for real tokens and 0 for padding, S = cache.pos + T
           (longer is fine: it is cut to S). Ragged batches are left-padded; positions then count
-          real tokens only, unless position_ids (B, T) are given.
+          real tokens only, unless position_ids (B, T) are given. A 4-D bool mask (B, 1, T, S) is
+          used as given (True = may attend; every query must see at least itself) and needs
+          position_ids: eval packs continuations that share a context into one row this way.
         - logits_to_keep: compute logits for the last N positions only (0 = all); generation uses 1.
+        - return_hidden: return the final-norm hidden states (B, T, n_embd) instead of logits, for
+          callers that apply lm_head only at the positions they score.
         """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         S = past + T
         assert self.config.max_seq_len >= S, f"sequence length {S} > max_seq_len {self.config.max_seq_len}"
+        explicit_mask = attention_mask is not None and attention_mask.dim() == 4
+        assert not explicit_mask or position_ids is not None, "a 4-D attention mask needs position_ids"
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask[:, :S].long().cumsum(-1) - 1).clamp_min(0)[:, past:]
         if position_ids is None:
@@ -466,6 +473,8 @@ class Transformer(nn.Module):
                 is_causal = T > 1  # the fused causal kernel
             elif T > 1:  # chunked prefill: causal with an offset, built explicitly
                 mask = self._causal(T, S, past, idx.device)[None, None]
+        elif explicit_mask:
+            mask = attention_mask[..., :S].bool()  # (B, 1, T, S)
         else:
             mask = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
             if T > 1:
@@ -481,6 +490,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos = S
         x = self.model.norm(x)
+        if return_hidden:
+            return x
 
         if targets is None:
             if logits_to_keep:

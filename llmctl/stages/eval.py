@@ -2,8 +2,8 @@
 
 Inputs: `model` (any model artifact; its folder is an HF-Llama model with its tokenizer) and,
 optionally, `data` (a tokens artifact whose val split perplexity is measured on). Options from the
-command line (`ctx.options`: tasks, limit, shots, batch_size, data_dir, seed) override the `eval:`
-section. Output: results.json and samples/<task>.jsonl (see llmctl.evals.evaluate); returns the
+command line (`ctx.options`: tasks, limit, shots, batch_size, batch_tokens, data_dir, seed,
+log_samples) override the `eval:` section. Output: results.json and samples/<task>.jsonl (see llmctl.evals.evaluate); returns the
 flattened scores ("task/metric") for the manifest.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.config.eval import EvalConfig
+from llmctl.evals.data import DATA_SUFFIXES
 from llmctl.evals.evaluate import RESULTS_FILE, evaluate, flat_metrics
 from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
@@ -56,8 +57,10 @@ def evaluate_folder(
     if data_dir is not None and not data_dir.is_absolute() and project_dir is not None:
         data_dir = project_dir / data_dir
     perplexity_data = tokens_path
-    if perplexity_data is None and data_dir is not None and data_dir.is_file():
-        perplexity_data = data_dir  # `--data-dir notes.txt`: perplexity on a text file
+    # `--data-dir notes.txt`: perplexity on a text file; a .jsonl/.parquet/... file is task data.
+    text_file = data_dir is not None and data_dir.is_file() and data_dir.suffix.lower() not in DATA_SUFFIXES
+    if perplexity_data is None and text_file:
+        perplexity_data = data_dir
     tasks = list(opts.get("tasks") or cfg.tasks)
     shots = dict(cfg.shots)
     if opts.get("shots") is not None:  # --shots K applies to every task run now
@@ -68,9 +71,10 @@ def evaluate_folder(
         limit=opts.get("limit") or cfg.limit,
         shots=shots,
         batch_size=opts.get("batch_size") or cfg.batch_size,
-        data_dir=data_dir if data_dir is None or data_dir.is_dir() else None,
+        batch_tokens=opts.get("batch_tokens") or cfg.batch_tokens,
+        data_dir=None if text_file else data_dir,
         custom=[c.model_dump() for c in cfg.custom],
-        samples_to_keep=cfg.samples_to_keep,
+        samples_to_keep=None if opts.get("log_samples") or cfg.log_samples else cfg.samples_to_keep,
         seed=opts.get("seed") if opts.get("seed") is not None else cfg.seed,
         max_gen_tokens=cfg.max_gen_tokens,
         perplexity_data=perplexity_data,
