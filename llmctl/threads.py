@@ -6,6 +6,7 @@ Running more compute threads than cores makes OpenMP's barrier threads spin whil
 wait for is descheduled, which measured 10-20x slower, not a little (benchmarks/bench_threads.py).
 
     available_cores()                         # affinity mask, capped by the cgroup quota
+    set_thread_budget()                       # the CLI, first thing: OMP_NUM_THREADS <= those cores
     choose_threads(None, processes=8)         # this process's share of the cores
     apply_threads(choose_threads(4))          # torch.set_num_threads
 
@@ -101,6 +102,17 @@ def choose_threads(requested: int | None = None, *, processes: int = 1, work: in
     if work is not None:
         threads = min(threads, max(1, work // MIN_WORK_PER_THREAD))
     return threads
+
+
+def set_thread_budget(threads: int | None = None) -> int:
+    """Cap this process and its children at `threads` (default and ceiling: the available cores).
+
+    Kept in OMP_NUM_THREADS, which torch reads when it starts its thread pool and `choose_threads`
+    reads later, so set it before torch does any work (the CLI does, first thing).
+    """
+    budget = choose_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(budget)
+    return budget
 
 
 def apply_threads(threads: int) -> int:

@@ -23,6 +23,7 @@ from llmctl.cli.completion import COMPLETE_VAR, SHELLS, completion_script, prepa
 from llmctl.cli.error_mapping import environment_error, usage_error
 from llmctl.cli.options import CliState
 from llmctl.errors import Interrupted, LlmctlError
+from llmctl.threads import set_thread_budget
 
 HELP_OPTION_NAMES = ["-h", "--help"]
 
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     # datatrove logs every step at INFO through loguru; keep stderr for our own progress unless asked.
     if "-v" not in argv and "--verbose" not in argv:
         os.environ.setdefault("LOGURU_LEVEL", "WARNING")
+    # Before torch starts its OpenMP pool (commands import it later): no more threads than the cores
+    # this process may use (affinity, cgroup quota), here and in every child; --threads narrows it.
+    set_thread_budget()
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
     if os.environ.get(COMPLETE_VAR):

@@ -58,7 +58,7 @@ def _load(ctx: typer.Context, out, ckpt: str, threads: int | None):
     used = apply_threads(choose_threads(threads, work=num_params(loaded.config)))
     if threads is not None and used < threads:
         out.reporter().log(f"threads: {used} (--threads {threads} is more than the {used} core(s) available)")
-    return loaded, label
+    return loaded, label, used
 
 
 def import_(
@@ -153,13 +153,13 @@ def generate(
     """Continue a prompt with a model, streaming tokens as they come.
 
     [bold]Examples[/]
-      llmctl generate "The capital of Velmora is" --ckpt pretrain:latest
+      llmctl generate "The capital of Wynbarmar is" --ckpt pretrain:latest
       llmctl generate "Once upon a time" -t 0.8 --top-p 0.95 --seed 1 -n 200
       llmctl generate "2 + 2 =" --ckpt ./my-hf-model --stop "\\n" --json
     """
     state = state_of(ctx)
     out = state.output(json_)
-    loaded, label = _load(ctx, out, ckpt, threads)
+    loaded, label, used_threads = _load(ctx, out, ckpt, threads)
     params = _sampling(
         max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, loaded.stop_token_ids()
     )
@@ -198,6 +198,7 @@ def generate(
                 "tokens": completion.tokens,
                 "logprobs": completion.logprobs,
                 "finish_reason": completion.finish_reason,
+                "threads": used_threads,
                 # Prefill (prompt + first token) and decode speed, as llama.cpp and vLLM report them.
                 "time_to_first_token_s": round(first_token_at[0] - start, 4),
                 "decode_tokens_per_s": round((len(completion.tokens) - 1) / (end - first_token_at[0]), 2)
@@ -246,7 +247,7 @@ def chat(
     """
     state = state_of(ctx)
     out = state.output(json_)
-    loaded, label = _load(ctx, out, ckpt, threads)
+    loaded, label, _ = _load(ctx, out, ckpt, threads)
     params = _sampling(max_new_tokens, temperature, 0, top_p, 1.0, stop, seed, loaded.stop_token_ids())
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     replies: list[dict[str, object]] = []
