@@ -55,6 +55,8 @@ def _open_split(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
         if not paths:
             raise InputError("no token shards given")
     shards = [TokenShard(p) for p in paths]
+    for shard in shards:
+        shard.check_ids()
     vocab = {s.header.vocab_size for s in shards}
     if len(vocab) > 1:
         raise InputError(

@@ -153,11 +153,22 @@ class TokenShard:
     def n_docs(self) -> int:
         return self.header.n_docs
 
+    def check_ids(self) -> None:
+        """Every id below vocab_size (one pass over the memory map, ~1 ms per million tokens): an id
+        out of range would otherwise surface later, deep in the model, as an index error."""
+        h = self.header
+        top = int(self.tokens.max()) if h.n_tokens else 0
+        if top >= h.vocab_size:
+            raise InputError(
+                f"{self.path}: corrupt token shard: token id {top:,} >= vocab_size {h.vocab_size:,}",
+                hint="the shard was damaged or written by something else; run `llmctl tokenize --force` "
+                "to rebuild the tokens",
+            )
+
     def verify(self) -> None:
         """Full scan: ids below vocab_size, increasing document starts, BOS at every start."""
         h = self.header
-        if h.n_tokens and int(self.tokens.max()) >= h.vocab_size:
-            raise InputError(f"{self.path}: token id {int(self.tokens.max())} >= vocab_size {h.vocab_size}")
+        self.check_ids()
         if h.n_docs > 1 and not bool(np.all(np.diff(self.doc_starts) > 0)):
             raise InputError(f"{self.path}: document starts are not increasing")
         if h.bos_id is not None and h.n_docs and not bool(np.all(self.tokens[self.doc_starts] == h.bos_id)):

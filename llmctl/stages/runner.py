@@ -13,6 +13,7 @@ consumes exactly what the previous stage of the same pipeline produced or reused
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -316,16 +317,16 @@ def _execute(
         run = stage.load_run()
         metrics = run(ctx)
     except (KeyboardInterrupt, Interrupted):
-        workspace.write_run_state(run_dir, status="interrupted", error="interrupted")
+        _record_end(workspace, run_dir, stage, status="interrupted", error="interrupted")
         raise Interrupted(
             f"{stage.name} interrupted; nothing was published",
             hint=f"`llmctl {stage.name} --resume` continues" if stage.keeps_run_dir else None,
         ) from None
     except LlmctlError as exc:
-        workspace.write_run_state(run_dir, status="failed", error=exc.message)
+        _record_end(workspace, run_dir, stage, status="failed", error=exc.message)
         raise
     except BaseException as exc:
-        workspace.write_run_state(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}")
+        _record_end(workspace, run_dir, stage, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     seconds = time.perf_counter() - t0
     artifact = workspace.publish(
@@ -352,6 +353,21 @@ def _execute(
         shutil.rmtree(run_dir, ignore_errors=True)
     reporter.log(f"{stage.name}: published {artifact.id} in {seconds:.1f}s")
     return StageOutcome(artifact, reused=False, seconds=seconds, inputs=plan.consumed())
+
+
+def _record_end(workspace: Workspace, run_dir: Path, stage: Stage, **state: Any) -> None:
+    """Mark a run failed or interrupted, even on a full disk (the usual reason a data stage fails
+    while writing): then the partial output of a stage that cannot resume is dropped to make room.
+    If the state still cannot be written, the run's error is what the user must see, not this one."""
+    try:
+        workspace.write_run_state(run_dir, **state)
+        return
+    except OSError:
+        if stage.keeps_run_dir:
+            return
+    shutil.rmtree(run_dir / "output", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        workspace.write_run_state(run_dir, **state)
 
 
 def run_pipeline(
