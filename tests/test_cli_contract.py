@@ -135,6 +135,7 @@ def test_version_as_json():
         assert result.code == 0 and result.json() == {"version": __version__}
 
 
+@pytest.mark.slow  # ~20-50 s: pretrain, eval and run import torch before they find nothing to do
 def test_every_command_under_json_prints_exactly_one_document(tmp_path):
     """Each leaf command with only `--json`, in an empty project: a result or an error, one document."""
     project = write_project(tmp_path / "p")
