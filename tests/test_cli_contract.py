@@ -111,6 +111,11 @@ def _one_error_and_hint(result, code: int = 2) -> tuple[str, str]:
             "llmctl pretrain --gpus 8",
         ),
         (["config"], "`llmctl config` needs a command", "one of: validate, show, schema"),
+        (
+            ["eval", "--limit"],
+            "--limit needs a value",
+            "llmctl eval hellaswag arc_easy --ckpt import:latest --limit 300",
+        ),
         (["--show-completion", "tcsh"], "bad value for --show-completion", "`llmctl --help`"),
     ],
 )

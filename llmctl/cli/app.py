@@ -20,7 +20,7 @@ import typer
 from llmctl import __version__
 from llmctl.cli import artifacts, evals, models, pipeline, project, stages
 from llmctl.cli.completion import COMPLETE_VAR, SHELLS, completion_script, prepare_completion
-from llmctl.cli.error_mapping import environment_error, usage_error
+from llmctl.cli.error_mapping import context_from_argv, environment_error, usage_error
 from llmctl.cli.options import CliState
 from llmctl.errors import Interrupted, LlmctlError
 from llmctl.threads import set_thread_budget
@@ -173,10 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     json_mode = json_requested(argv)
     state = CliState(json=json_mode)
     debug = os.environ.get("LLMCTL_DEBUG") == "1"
+    command = build_command()
     try:
-        code = build_command().main(
-            args=argv or ["--help"], prog_name="llmctl", standalone_mode=False, obj=state
-        )
+        code = command.main(args=argv or ["--help"], prog_name="llmctl", standalone_mode=False, obj=state)
     except LlmctlError as exc:
         if debug:
             import traceback
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as exc:  # the parser's usage errors (typer's vendored click)
         if getattr(exc, "exit_code", 1) != 2:
             raise
-        _report(usage_error(exc), json_mode)
+        _report(usage_error(exc, context_from_argv(command, argv)), json_mode)
         sys.exit(2)
     except (OSError, MemoryError, RuntimeError) as exc:
         problem = environment_error(exc, state.resolved_project)

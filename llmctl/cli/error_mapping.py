@@ -91,15 +91,35 @@ def _unknown_option(option: str, ctx: Any) -> UsageError:
     return UsageError(f"unknown option {option} for `{where}`", hint=hint)
 
 
+def _option(ctx: Any, name: str) -> Any:
+    command = getattr(ctx, "command", None)
+    for param in command.get_params(ctx) if command is not None else []:
+        if name in getattr(param, "opts", []):
+            return param
+    return None
+
+
 def _param_label(param: Any) -> str:
     if getattr(param, "param_type_name", "") == "argument":
         return (param.metavar or param.name or "").upper()
     return "/".join(getattr(param, "opts", []) or [param.name])
 
 
-def usage_error(exc: Any) -> UsageError:
-    """A UsageError for one of typer's parser exceptions (anything with exit_code 2 and a ctx)."""
-    ctx = getattr(exc, "ctx", None)
+def context_from_argv(root: Any, argv: list[str]) -> Any:
+    """A context for the deepest command `argv` names, for parser errors raised without one."""
+    import typer
+
+    ctx = typer.Context(root, info_name="llmctl")
+    for token in argv:
+        sub = getattr(ctx.command, "commands", {}).get(token)
+        if sub is not None:
+            ctx = typer.Context(sub, info_name=token, parent=ctx)
+    return ctx
+
+
+def usage_error(exc: Any, fallback_ctx: Any = None) -> UsageError:
+    """A UsageError for one of typer's parser exceptions (exit_code 2); `fallback_ctx` when it has none."""
+    ctx = getattr(exc, "ctx", None) or fallback_ctx
     message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
     if hasattr(exc, "possibilities") and getattr(exc, "option_name", None):  # no such option
         return _unknown_option(exc.option_name, ctx)
@@ -110,6 +130,10 @@ def usage_error(exc: Any) -> UsageError:
         return UsageError(
             f"`{_command_path(ctx)}` needs a command",
             hint=f"one of: {', '.join(_subcommands(ctx))} (`{_command_path(ctx)} --help` says more)",
+        )
+    if getattr(exc, "option_name", None) and "requires an argument" in message:
+        return UsageError(
+            f"{exc.option_name} needs a value", hint=_help_hint(ctx, _option(ctx, exc.option_name))
         )
     param = getattr(exc, "param", None)
     if param is not None and message.startswith("Missing"):
