@@ -187,10 +187,11 @@ def main(argv: list[str] | None = None) -> None:
         _report(LlmctlError("aborted"), json_mode)
         sys.exit(1)
     except typer.TyperException as exc:  # the parser's usage errors (typer's vendored click)
-        if getattr(exc, "exit_code", 1) != 2:
-            raise
-        _report(usage_error(exc, context_from_argv(command, argv)), json_mode)
-        sys.exit(2)
+        if getattr(exc, "exit_code", 1) == 2:
+            _report(usage_error(exc, context_from_argv(command, argv)), json_mode)
+            sys.exit(2)
+        _report(LlmctlError(exc.format_message()), json_mode)
+        sys.exit(exc.exit_code)
     except (OSError, MemoryError, RuntimeError) as exc:
         problem = environment_error(exc, state.resolved_project)
         if problem is None:
