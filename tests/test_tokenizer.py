@@ -26,6 +26,7 @@ from llmctl.data.tokenizer import (
     train_tokenizer,
 )
 from llmctl.errors import ConfigError, InputError
+from llmctl.reporting import ProgressTask, Reporter
 
 TRICKY = [
     "",
@@ -298,3 +299,44 @@ def test_unreadable_or_modified_saved_tokenizer(tok, tmp_path):
     assert "tokenize.adopt" in err.value.hint
     with pytest.raises(InputError, match="not a tokenizer folder"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+class _Totals(Reporter):
+    """Records the totals the training progress bar is given (the CLI draws them)."""
+
+    def __init__(self) -> None:
+        self.totals: list[float | None] = []
+
+    def progress(self, description: str, total: float | None = None, unit: str = "it") -> ProgressTask:
+        totals = self.totals
+        totals.append(total)
+
+        class Task(ProgressTask):
+            def update(self, completed=None, total=None, **fields) -> None:  # noqa: ANN001
+                if total is not None:
+                    totals.append(total)
+
+        return Task()
+
+
+def test_training_progress_total_is_the_corpus_not_the_budget():
+    texts = [d["text"] for d in iter_documents(1500, seed=2)]
+    used = sum(min(len(t), 10_000) for t in texts)
+    rep = _Totals()
+    train_tokenizer(
+        iter(texts),
+        vocab_size=512,
+        max_chars=100_000_000,
+        reporter=rep,
+        total_docs=len(texts),
+        total_bytes=sum(len(t.encode()) for t in texts),
+    )
+    assert rep.totals[-1] == used  # the final total is exactly what was read
+    assert len(rep.totals) >= 3 and all(abs(t - used) / used < 0.1 for t in rep.totals[1:]), (
+        rep.totals,
+        used,
+    )
+    assert max(rep.totals) < 100_000_000
+    unknown = _Totals()  # nothing says how big the corpus is: no total until the end, never the budget
+    train_tokenizer(iter(texts[:100]), vocab_size=512, max_chars=100_000_000, reporter=unknown)
+    assert unknown.totals == [None, sum(min(len(t), 10_000) for t in texts[:100])]

@@ -448,17 +448,35 @@ def printable_token(raw: bytes) -> str:
     return "".join(out)
 
 
+def _training_chars_estimate(
+    counts: dict[str, int], max_chars: int | None, total_docs: int | None, total_bytes: int | None
+) -> int | None:
+    """Characters the training will read: the mean (truncated) characters per document so far x the
+    corpus's documents, capped by its text bytes (a character is at least one UTF-8 byte) and the
+    budget. None while nothing says how big the corpus is: no total beats a made-up one."""
+    known = [total_bytes] if total_bytes is not None else []
+    if total_docs is not None and counts["docs"]:
+        known.append(round(counts["chars"] / counts["docs"] * total_docs))
+    if not known:
+        return None
+    total = min(known) if max_chars is None else min(*known, max_chars)
+    return max(total, counts["chars"])
+
+
 def _training_batches(
     texts: Iterable[str],
     max_chars: int | None,
     max_doc_chars: int | None,
     counts: dict[str, int],
     reporter: Reporter,
+    total_docs: int | None = None,
+    total_bytes: int | None = None,
 ) -> Iterator[list[str]]:
     """Batches of (truncated) texts up to the character budget, counting what was used."""
     batch: list[str] = []
     batch_chars = 0
-    with reporter.progress("tokenizer training text", total=max_chars, unit="chars") as bar:
+    total = _training_chars_estimate(counts, max_chars, total_docs, total_bytes)
+    with reporter.progress("tokenizer training text", total=total, unit="chars") as bar:
         for text in texts:
             if max_doc_chars is not None:
                 text = text[:max_doc_chars]
@@ -473,9 +491,11 @@ def _training_batches(
             counts["docs"] += 1
             counts["chars"] += len(text)
             if batch_chars >= 1 << 20:
+                bar.update(total=_training_chars_estimate(counts, max_chars, total_docs, total_bytes))
                 bar.advance(batch_chars)
                 yield batch
                 batch, batch_chars = [], 0
+        bar.update(total=counts["chars"])  # done: the total is exactly what was read
         if batch:
             bar.advance(batch_chars)
             yield batch
@@ -492,12 +512,15 @@ def train_tokenizer(
     max_chars: int | None = None,
     max_doc_chars: int | None = 10_000,
     reporter: Reporter | None = None,
+    total_docs: int | None = None,
+    total_bytes: int | None = None,
 ) -> Tokenizer:
     """Train a byte-level BPE on `texts` and return it (ids: specials, then 256 bytes, then merges).
 
     `max_chars` caps the total text used and `max_doc_chars` each document (so a few huge documents
     cannot dominate the merges, as in nanochat). `vocab_size` counts the special tokens; a corpus too
-    small to learn that many merges yields a smaller vocabulary (with a warning).
+    small to learn that many merges yields a smaller vocabulary (with a warning). `total_docs` and
+    `total_bytes` (of the corpus, when known) size the progress bar.
     """
     reporter = reporter or Reporter()
     special_tokens = list(special_tokens)
@@ -529,7 +552,8 @@ def train_tokenizer(
         show_progress=False,
     )
     counts = {"docs": 0, "chars": 0}
-    hf.train_from_iterator(_training_batches(texts, max_chars, max_doc_chars, counts, reporter), trainer)
+    batches = _training_batches(texts, max_chars, max_doc_chars, counts, reporter, total_docs, total_bytes)
+    hf.train_from_iterator(batches, trainer)
     if counts["chars"] == 0:
         raise InputError(
             "no text to train the tokenizer on: the corpus is empty (or every document is empty)",

@@ -38,6 +38,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
             return iter_corpus(corpus.path)
         return read_sources(ctx.project.data, ctx.project_dir)
 
+    # The corpus artifact's own counts size the progress bars (filter and dedup name its bytes differently).
+    sizes = corpus.manifest.metrics if corpus is not None else {}
+    docs_in = sizes.get("documents_out")
+    bytes_in = sizes.get("text_bytes_kept", sizes.get("bytes_out"))
     if cfg.adopt:
         tokenizer = adopt_tokenizer(cfg.adopt, special_tokens=cfg.special_tokens, reporter=ctx.reporter)
     else:
@@ -51,10 +55,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
             max_chars=cfg.max_train_chars,
             max_doc_chars=cfg.max_doc_chars,
             reporter=ctx.reporter,
+            total_docs=docs_in,
+            total_bytes=bytes_in,
         )
     tokenizer.save(ctx.output_dir / TOKENIZER_DIR)
     seed = cfg.seed if cfg.seed is not None else ctx.project.seed
-    docs_in = corpus.manifest.metrics.get("documents_out") if corpus is not None else None
     result = encode_corpus(
         ((doc.id, doc.text) for doc in documents()),
         tokenizer,
