@@ -90,13 +90,10 @@ def ls(
                 bad.add_row(row["id"], Text(row["error"]))
             console.print(bad)
         if runs:
-            runs_table = Table(
-                "unpublished run",
-                "status",
-                "started",
-                "error",
-                title="runs (`llmctl artifacts clean` removes)",
-            )
+            runs_table = Table(title="runs (`llmctl artifacts clean` removes)")
+            runs_table.add_column("unpublished run", overflow="fold")
+            for column in ("status", "started", "error"):
+                runs_table.add_column(column)
             for run in runs:
                 runs_table.add_row(Text(run["path"]), run["status"], run["started"], Text(run["error"] or ""))
             console.print(runs_table)
@@ -215,7 +212,8 @@ def verify(
         first = bad[0]
         where = first["problems"][0]["file"] if first["problems"] else first["path"]
         raise InputError(
-            f"{where}: {len(bad)} artifact(s) do not match their manifests (first: {first['id']})",
+            f"{where}: does not match the manifest of {first['id']}"
+            + (f" ({len(bad)} artifacts do not match theirs)" if len(bad) > 1 else ""),
             hint="re-create them by running their stages again, or remove them with `llmctl artifacts rm`",
         )
 
@@ -241,14 +239,16 @@ def lineage(
     def add(branch: Tree, node: dict[str, Any]) -> None:
         for child in node.get("inputs", []):
             label = Text.assemble(child["id"], (f" ({child['kind']}, as {child['slot']})", "dim"))
+            label.overflow = "fold"
             if child.get("copy_of"):
-                label.append(f" a copy of {child['copy_of']} at {child['path']}: ")
+                label.append(f" a copy of {child['copy_of']}, ")
                 if child["original_missing"]:
                     label.append("original no longer in the workspace", "yellow")
                 elif child["matches_original"]:
                     label.append("matches the original", "green")
                 else:
                     label.append("differs from the original", "red")
+                label.append(f"; from {child['path']}")
             elif child.get("missing"):
                 label.append(" missing", "red")
             elif child.get("changed"):
@@ -261,7 +261,7 @@ def lineage(
     def render(console) -> None:
         root = Tree(Text.assemble((tree["id"], "bold"), (f" ({tree['kind']})", "dim")))
         add(root, tree)
-        console.print(root)
+        console.print(root, soft_wrap=False)
 
     out.result(tree, render)
 
@@ -362,9 +362,10 @@ def clean(
 
 
 def _render_leftovers(console, items) -> None:
-    table = Table("path", "what", "size")
+    table = Table("what", "size")
+    table.add_column("path", overflow="fold")
     for item in items:
-        table.add_row(Text(str(item.path)), item.what, _human_bytes(item.bytes))
+        table.add_row(item.what, _human_bytes(item.bytes), Text(str(item.path)))
     console.print(table)
 
 

@@ -118,8 +118,11 @@ def verify_files(
     return problems
 
 
-def check_artifact(artifact_id: str, folder: Path, records: list[FileRecord], cache: HashCache) -> None:
-    """Raise InputError naming the first file that does not match the manifest (unless disabled)."""
+def check_artifact(
+    artifact_id: str, folder: Path, records: list[FileRecord], cache: HashCache, ref: str | None = None
+) -> None:
+    """Raise InputError naming the first file that does not match the manifest (unless disabled).
+    `ref` is how to name the artifact on the command line (its id, or its folder for a copy)."""
     if verification_disabled():
         return
     problems = verify_files(folder, records, cache)
@@ -130,7 +133,7 @@ def check_artifact(artifact_id: str, folder: Path, records: list[FileRecord], ca
     what = "is missing" if first.problem == "missing" else "was modified after publishing"
     raise InputError(
         f"{folder / first.path}: {what}; it no longer matches the manifest of {artifact_id}{more}",
-        hint=f"`llmctl artifacts verify {artifact_id}` lists every changed file; re-create the artifact "
+        hint=f"`llmctl artifacts verify {ref or artifact_id}` lists every changed file; re-create the artifact "
         f"by running its stage again, or set {NO_VERIFY_ENV}=1 to use the edited files anyway",
     )
 

@@ -266,7 +266,8 @@ class Workspace:
 
     def check(self, artifact: Artifact) -> None:
         """Raise InputError when a file of `artifact` changed since it was published."""
-        check_artifact(artifact.id, artifact.path, artifact.manifest.files, self.hashes)
+        ref = artifact.id if self.is_member(artifact) else str(artifact.path)
+        check_artifact(artifact.id, artifact.path, artifact.manifest.files, self.hashes, ref)
 
     def _lookup(self, ref: str, kinds: tuple[str, ...] | None, stages: tuple[str, ...] | None) -> Artifact:
         if ref == "latest":
