@@ -95,7 +95,12 @@ def ls(
             for column in ("status", "started", "error"):
                 runs_table.add_column(column)
             for run in runs:
-                runs_table.add_row(Text(run["path"]), run["status"], run["started"], Text(run["error"] or ""))
+                runs_table.add_row(
+                    Text(run["path"]),
+                    run["status"],
+                    run["started"][:19].replace("T", " "),
+                    Text(run["error"] or ""),
+                )
             console.print(runs_table)
 
     out.result({"artifacts": rows, "corrupt": broken, "runs": runs}, render)
