@@ -269,3 +269,20 @@ def test_checkpoints_dir_is_the_one_training_writes():
     from llmctl.train import checkpoint
 
     assert checkpoint.CHECKPOINTS_DIR == CHECKPOINTS_DIR
+
+
+def test_schema_1_manifests_still_read(project):
+    """Workspaces written before inputs recorded content hashes and copies (schema_version 1)."""
+    import json
+
+    ws = workspace_for(*project)
+    echo(project, "a")
+    sink = echo(project, "!", stage="sink").artifact
+    manifest = json.loads((sink.path / MANIFEST_FILE).read_text())
+    manifest["schema_version"] = 1
+    for record in manifest["inputs"]:
+        for key in ("content_sha256", "copy_of", "path"):
+            del record[key]
+    (sink.path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert ws.resolve("sink:latest").manifest.inputs[0].id == "echo:v0001"
+    assert ws.lineage(ws.resolve("sink:latest"))["inputs"][0]["id"] == "echo:v0001"
