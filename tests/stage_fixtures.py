@@ -46,4 +46,4 @@ def run(ctx) -> dict:
     if options.get("fail"):
         raise RuntimeError("echo stage asked to fail")
     (ctx.output_dir / "out.txt").write_text(text)
-    return {"chars": len(text)}
+    return {"chars": len(text), "upstream_id": ctx.input_ids.get("upstream")}

@@ -98,6 +98,7 @@ def test_an_input_given_by_path_is_recorded_as_a_copy(project, tmp_path, monkeyp
     same = echo(project, "!", stage="sink", refs={"upstream": str(copy)}).artifact
     [record] = same.manifest.inputs
     assert record.copy_of == "echo:v0001" and record.id.startswith("copy:") and record.path == str(copy)
+    assert same.manifest.metrics["upstream_id"] == record.id  # what the stage itself is told
     assert ws.dependents(original) == []  # the copy is not the artifact
     node = ws.lineage(same)["inputs"][0]
     assert node["copy_of"] == "echo:v0001" and node["matches_original"] is True

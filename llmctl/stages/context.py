@@ -27,6 +27,8 @@ class StageContext:
     options: dict[str, Any] = field(default_factory=dict)  # per-invocation flags (e.g. gpus) not in config
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"
+    # slot -> the id the manifest records; differs from inputs[slot].id for a copy given by path
+    input_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:

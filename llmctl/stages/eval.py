@@ -33,9 +33,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         out_dir=ctx.output_dir,
         reporter=ctx.reporter,
     )
-    results["model"] = model.id
+    results["model"] = ctx.input_ids.get("model", model.id)  # copy:<hash> for a copy given by path
     if tokens is not None:
-        results["tasks"].get("perplexity", {})["source"] = tokens.id
+        results["tasks"].get("perplexity", {})["source"] = ctx.input_ids.get("data", tokens.id)
     (ctx.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     return flat_metrics(results)
 

@@ -309,6 +309,7 @@ def _execute(
         reporter=reporter,
         resumed=resumed,
         options=dict(options or {}),
+        input_ids={r.slot: r.id for r in plan.input_records},
     )
     if plan.input_records and verification_disabled():
         ctx.note(f"{stage.name}: input files not checked against their manifests ({NO_VERIFY_ENV}=1)")
