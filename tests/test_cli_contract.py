@@ -160,7 +160,7 @@ def test_every_command_under_json_prints_exactly_one_document(tmp_path):
 def test_folder_names_are_never_read_as_markup(tmp_path, small_corpus, name):
     made = run_cli("init", name, "--template", "tiny", cwd=tmp_path)
     assert made.code == 0, made.stderr
-    assert f"{tmp_path / name}" in made.stdout and f"cd {name} " in made.stdout, made.stdout
+    assert f"{tmp_path / name}" in made.stdout and f"cd '{name}' && llmctl run" in made.stdout, made.stdout
 
     project = write_project(
         tmp_path / "runs" / name, f"data:\n  sources:\n    - path: {small_corpus / 'docs.jsonl'}\n"

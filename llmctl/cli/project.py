@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -55,7 +56,7 @@ def init(
     out.result(
         made,
         lambda console: console.print(
-            f"Created {made['project']} from template {made['template']!r}.\nNext: cd {name} && llmctl run",
+            f"Created {made['project']} from template {made['template']!r}.\nNext: cd {shlex.quote(name)} && llmctl run",
             highlight=False,
         ),
     )
