@@ -8,6 +8,7 @@ user text (folder names, keys) is never read as rich markup; environment errors 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shlex
 import shutil
@@ -70,6 +71,7 @@ def test_the_walk_sees_the_whole_tree():
 
 def test_every_command_has_a_working_help():
     arg_lists = [[*path, "--help"] for path in command_paths()] + [["eval", "compare", "--help"]]
+    leaves = set(leaf_paths())
     for args, result in zip(arg_lists, run_many(arg_lists), strict=True):
         shown = " ".join(args)
         assert result.code == 0, f"llmctl {shown}: exit {result.code}\n{result.stderr}"
@@ -78,6 +80,8 @@ def test_every_command_has_a_working_help():
         assert usage in result.stdout, f"llmctl {shown}: no {usage!r} in\n{result.stdout}"
         # Flags take no value; typer's default metavar for them would read `<bool>`.
         assert "<bool>" not in result.stdout, f"llmctl {shown} shows a <bool> metavar"
+        if tuple(args[:-1]) in leaves:  # usage-error hints quote a command's first example
+            assert re.search(r"^\W*llmctl \w", result.stdout, flags=re.M), f"llmctl {shown}: no example"
 
 
 def test_bare_llmctl_shows_help():
@@ -284,3 +288,11 @@ def test_memory_errors_are_environment_errors():
     problem = environment_error(MemoryError(), None)
     assert problem is not None and problem.exit_code == 2 and problem.message.startswith("out of memory")
     assert environment_error(ValueError("bug"), None) is None  # a bare bug stays a bug
+
+
+def test_only_the_output_layer_makes_consoles():
+    """Every console comes from llmctl/cli/output.py, where markup is off; a stray Console() would
+    read `[/x]` in a folder name as a closing tag again."""
+    cli = Path(__file__).resolve().parent.parent / "llmctl" / "cli"
+    offenders = [p.name for p in cli.glob("*.py") if p.name != "output.py" and "Console(" in p.read_text()]
+    assert offenders == []
