@@ -683,3 +683,10 @@ def removed_samples(artifact_dir: Path, n: int) -> list[dict]:
         return []
     with gzip.open(path, "rb") as handle:
         return [orjson.loads(line) for line in itertools.islice(handle, n)]
+
+
+def removed_ids(artifact_dir: Path) -> Iterator[str]:
+    """Ids of every document a dedup run removed, in input order."""
+    with gzip.open(Path(artifact_dir) / REMOVED_FILE, "rb") as handle:
+        for line in handle:
+            yield orjson.loads(line)["id"]
