@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -273,3 +274,29 @@ def test_corrupt_corpus_shard_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "00000.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a", "id": "1"}\n{"text": \n'))
     with pytest.raises(InputError, match=r"00000\.jsonl\.gz:2: malformed JSON"):
         list(iter_corpus(tmp_path))
+
+
+@pytest.mark.parametrize("offline_env", [False, True])
+def test_an_unreachable_hub_fails_fast_and_names_the_cause(tmp_path: Path, offline_env: bool) -> None:
+    """The hub at a closed local port: one probe, no retry loop (before: ~28 s of retries)."""
+    from conftest import cli_env, run_cli, write_project
+
+    project = write_project(
+        tmp_path / "p", "data:\n  sources:\n    - path: hf://datasets/HuggingFaceFW/fineweb-edu\n"
+    )
+    env = cli_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"))
+    if not offline_env:
+        env.pop("HF_HUB_OFFLINE")
+    t0 = time.monotonic()
+    result = run_cli("dedup", cwd=project, env=env, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert result.code == 2, result.stderr
+    cause = (
+        "HF_HUB_OFFLINE=1" if offline_env else "the hub cannot be reached (127.0.0.1:9: Connection refused)"
+    )
+    assert (
+        f"Error: data.sources[0]: hub dataset HuggingFaceFW/fineweb-edu is not in the local Hugging Face "
+        f"cache and {cause}" in result.stderr
+    )
+    assert ("HF_HUB_OFFLINE" in result.stderr.split("Hint:")[1]) is offline_env
+    assert elapsed < 20, elapsed

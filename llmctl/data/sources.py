@@ -6,7 +6,8 @@
 Formats: JSONL (plain, .gz, .zst), parquet, and plain text (one document per .txt file: a file is
 the natural unit of a text corpus, and splitting on blank lines would cut documents apart).
 Hub datasets (`hf://datasets/<org>/<name>`) are streamed with `HfFileSystem` when online and read
-from the local Hugging Face cache when `HF_HUB_OFFLINE=1`.
+from the local Hugging Face cache when `HF_HUB_OFFLINE=1` or the hub cannot be reached (one quick
+connection probe instead of huggingface_hub's retry loop).
 
 Why our own thin readers rather than datatrove's `JsonlReader`/`ParquetReader`: those log and skip
 malformed lines, silently skip documents whose text key is missing, and report corrupt files as
@@ -17,15 +18,18 @@ Documents are still datatrove `Document`s, so the rest of the pipeline is plain 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob as globlib
 import gzip
 import io
 import os
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 import orjson
 from datatrove.data import Document
@@ -43,10 +47,18 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _PARQUET_BATCH_ROWS = 1024
 
-_OFFLINE_HINT = (
-    "download it where there is internet (`hf download {repo} --repo-type dataset --local-dir data/{name}`) "
-    "and set `path` to the local files, or unset HF_HUB_OFFLINE"
-)
+# One TCP connect decides whether the hub can be reached: without it, an unreachable hub costs ~25 s
+# of huggingface_hub's retries (fingerprint, then listing) before the same error.
+_PROBE_SECONDS = 3.0
+
+
+def _offline_hint(repo: str) -> str:
+    """How to get a hub dataset without the hub; HF_HUB_OFFLINE is only mentioned when it is set."""
+    hint = (
+        f"download it where there is internet (`hf download {repo} --repo-type dataset --local-dir "
+        f"data/{repo.split('/')[1]}`) and set `path` to the local files"
+    )
+    return hint + (", or unset HF_HUB_OFFLINE" if _hub_offline_set() else "")
 
 
 @dataclass(frozen=True)
@@ -213,10 +225,32 @@ def _parse_hub_path(path: str) -> tuple[str, str | None, str | None]:
     return f"{org}/{name}", revision or None, rest
 
 
-def _offline() -> bool:
+def _hub_offline_set() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (one TCP connect to its endpoint), or None when it can. Behind a
+    proxy the direct connect proves nothing, so it is not tried there."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_SECONDS).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE=1, or a hub that cannot be reached: either way only the local cache is read."""
+    return _hub_offline_set() or hub_unreachable() is not None
 
 
 def _cached_snapshot(repo: str, revision: str | None) -> tuple[Path, str] | None:
@@ -316,13 +350,17 @@ def _patterns_for_split(data_files: Any, split: str | None, where: str, subset: 
 def _resolve_hub_files(source: SourceConfig, index: int) -> list[_File]:
     where = f"data.sources[{index}]"
     repo, revision, inner = _parse_hub_path(source.path)
-    name = repo.split("/")[1]
     if _offline():
         cached = _cached_snapshot(repo, revision)
         if cached is None:
+            why = (
+                "HF_HUB_OFFLINE=1"
+                if _hub_offline_set()
+                else f"the hub cannot be reached ({hub_unreachable()})"
+            )
             raise InputError(
-                f"{where}: hub dataset {repo} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
-                hint=_OFFLINE_HINT.format(repo=repo, name=name),
+                f"{where}: hub dataset {repo} is not in the local Hugging Face cache and {why}",
+                hint=_offline_hint(repo),
             )
         snapshot, _ = cached
         all_files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
@@ -344,7 +382,7 @@ def _resolve_hub_files(source: SourceConfig, index: int) -> list[_File]:
             raise InputError(
                 f"{where}: cannot list hub dataset {repo}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                 hint="check the repo name and your network/token (`hf auth login`); offline: "
-                + _OFFLINE_HINT.format(repo=repo, name=name),
+                + _offline_hint(repo),
             ) from e
         snapshot = None
     if inner:

@@ -635,9 +635,13 @@ def _hub_files(repo_id: str, revision: str | None) -> tuple[Path, Path | None, P
         RevisionNotFoundError,
     )
 
+    from llmctl.data.sources import hub_unreachable
+
+    local_only = hub_unreachable() is not None  # the cache only, without a retry loop first
+
     def fetch(name: str, required: bool) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, name, revision=revision))
+            return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only))
         except GatedRepoError:
             raise InputError(
                 f"hub repo {repo_id!r} is gated",
