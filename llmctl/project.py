@@ -1,8 +1,9 @@
 """Project templates and `llmctl init`: create a project folder from `templates/<name>/`.
 
 A template folder holds `llmctl.yaml` (commented; `{{name}}` is replaced by the project name) and
-`template.yaml` describing it and how to make its data (e.g. the seeded synthetic corpus, so the
-tiny template needs no network).
+`template.yaml` describing it, what it needs (`requires`: network, GPUs), the command to run next
+(`next`), and how to make its data (e.g. the seeded synthetic corpus, so the tiny template needs no
+network).
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ def templates_dir() -> Path:
     raise InputError("project templates not found", hint="reinstall llmctl (pip install -e .)")
 
 
+DEFAULT_NEXT = "llmctl run"
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
     description: str
     folder: Path
     data: dict[str, Any]
+    next: str = DEFAULT_NEXT  # the command to run in the new project
+    requires: str | None = None  # what that command needs beyond this machine (network, GPUs)
 
 
 def list_templates() -> list[Template]:
@@ -46,7 +52,16 @@ def list_templates() -> list[Template]:
         if not (folder / PROJECT_FILE).is_file() or not meta_file.is_file():
             continue
         meta = yaml.safe_load(meta_file.read_text()) or {}
-        found.append(Template(folder.name, meta.get("description", ""), folder, meta.get("data") or {}))
+        found.append(
+            Template(
+                folder.name,
+                meta.get("description", ""),
+                folder,
+                meta.get("data") or {},
+                next=meta.get("next") or DEFAULT_NEXT,
+                requires=meta.get("requires"),
+            )
+        )
     return found
 
 
@@ -75,7 +90,13 @@ def init_project(dest: Path, template_name: str = "tiny", name: str | None = Non
     try:
         (staging / "data").mkdir()
         (staging / PROJECT_FILE).write_text(render_project_file(template, name))
-        made: dict[str, Any] = {"project": str(dest), "template": template.name, "files": [PROJECT_FILE]}
+        made: dict[str, Any] = {
+            "project": str(dest),
+            "template": template.name,
+            "files": [PROJECT_FILE],
+            "next": template.next,
+            "requires": template.requires,
+        }
         synthetic = template.data.get("synthetic")
         if synthetic:
             from llmctl.data.synthetic import generate_corpus

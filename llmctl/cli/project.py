@@ -53,11 +53,14 @@ def init(
         raise UsageError("missing project NAME", hint="llmctl init demo")
     dest = Path(name).expanduser().resolve()
     made = init_project(dest, template)
+    needs = f"\nNeeds: {made['requires']}" if made.get("requires") else ""
     out.result(
         made,
         lambda console: console.print(
-            f"Created {made['project']} from template {made['template']!r}.\nNext: cd {shlex.quote(name)} && llmctl run",
+            f"Created {made['project']} from template {made['template']!r}.{needs}\n"
+            f"Next: cd {shlex.quote(name)} && {made['next']}",
             highlight=False,
+            markup=False,
         ),
     )
 
