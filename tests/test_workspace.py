@@ -126,7 +126,7 @@ def test_failed_stage_publishes_nothing(project):
     runs = ws.runs()
     assert [r.status for r in runs] == ["failed"]
     assert "asked to fail" in runs[0].error
-    assert ws.clean_runs() and ws.runs() == []
+    assert ws.clean(ws.leftovers()) and ws.runs() == []
 
 
 _SCRIPT = textwrap.dedent(
@@ -169,7 +169,7 @@ def test_sigkill_mid_run_leaves_nothing_that_resolves(project):
     assert [r.status for r in runs] == ["incomplete"]
     # The next run is not fooled: it runs and publishes v0001.
     assert echo(project, "0").artifact.id == "echo:v0001"
-    assert [r.path for r in ws.clean_runs()] == [runs[0].path]
+    assert [r.path for r in ws.clean(ws.leftovers())] == [runs[0].path]
 
 
 def test_concurrent_processes_get_distinct_versions(project):

@@ -613,13 +613,3 @@ class Workspace:
             if not item.path.exists():
                 removed.append(item)
         return removed
-
-    def clean_runs(self, stage: str | None = None) -> list[RunInfo]:
-        """Remove failed, interrupted and incomplete runs (never one that is still running)."""
-        removed = []
-        for run in self.runs(stage):
-            if run.status in ("running", "running?"):
-                continue
-            shutil.rmtree(run.path, ignore_errors=True)
-            removed.append(run)
-        return removed
