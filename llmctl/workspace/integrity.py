@@ -133,8 +133,8 @@ def check_artifact(
     what = "is missing" if first.problem == "missing" else "was modified after publishing"
     raise InputError(
         f"{folder / first.path}: {what}; it no longer matches the manifest of {artifact_id}{more}",
-        hint=f"`llmctl artifacts verify {ref or artifact_id}` lists every changed file; re-create the artifact "
-        f"by running its stage again, or set {NO_VERIFY_ENV}=1 to use the edited files anyway",
+        hint=f"`llmctl artifacts verify {ref or artifact_id}` lists every changed file; re-create the "
+        f"artifact by running its stage again, or set {NO_VERIFY_ENV}=1 to use the edited files anyway",
     )
 
 
