@@ -129,7 +129,9 @@ def eval_(
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            "--data-dir", help="Local task data (hub or original layout), or a text file for perplexity."
+            "--data-dir",
+            help="Local task data: a folder (hub or original-release layout, or one hub-schema file per "
+            "split), one .jsonl/.parquet/.csv file, or a text file for perplexity.",
         ),
     ] = None,
     minimum: Annotated[
