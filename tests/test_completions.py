@@ -2,7 +2,7 @@
 
 Each script is checked by its own shell (bash, zsh, fish; `.ci/run` installs zsh and fish when it can),
 and completion is driven for real: bash through its COMP_WORDS/COMP_CWORD protocol, fish through
-`complete -C`, zsh with `_arguments` replaced by a printer (zsh's completion widgets need a terminal).
+`complete -C`, zsh by pressing TAB in an interactive zsh on a pseudo-terminal (zpty).
 """
 
 from __future__ import annotations
