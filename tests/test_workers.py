@@ -131,3 +131,23 @@ def test_workers_die_with_a_parent_killed_by_sigkill(big_project, stage, workers
                 os.kill(k, signal.SIGKILL)
         proc.communicate()
     assert not survivors, f"{stage}: workers {survivors} outlived their parent"
+
+
+def test_sigterm_during_dedup_stops_promptly_with_no_workers_left(big_project):
+    """multiprocessing.Pool.terminate() once deadlocked here; the stage must exit 130 and leave nothing."""
+    proc = _start(big_project, "dedup", "--force", "--set", "dedup.workers=2")
+    kids: set[int] = set()
+    try:
+        kids = _wait_for_workers(proc, 2)
+        time.sleep(0.5)
+        assert proc.poll() is None, "dedup finished before the signal"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        for k in kids:
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert not [k for k in kids if _alive(k)]
+    assert not list((big_project / "workspace" / "artifacts").glob("dedup/v*"))
