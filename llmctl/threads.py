@@ -1,9 +1,10 @@
 """How many CPU threads torch may use: the cores this process can really run on, split by the work.
 
 `os.cpu_count()` counts the machine, not what the process is allowed: a `taskset` / cpuset affinity
-mask or a container's CPU quota (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`) can leave far fewer.
-Running more compute threads than cores makes OpenMP's barrier threads spin while the thread they
-wait for is descheduled, which measured 10-20x slower, not a little (benchmarks/bench_threads.py).
+mask or a container's CPU quota (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`) can leave far fewer,
+and other processes may already keep some of those cores busy. A compute thread on a core it must
+share waits at every OpenMP barrier for its descheduled peers while the others spin: decoding
+measured 10-40x slower than with the shared cores left out (benchmarks/bench_threads.py).
 
     available_cores()                         # affinity mask, capped by the cgroup quota
     set_thread_budget()                       # the CLI, first thing: OMP_NUM_THREADS <= those cores
@@ -17,11 +18,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import time
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# Below this many multiply-adds per parallel op a second thread costs more than it saves (measured
-# on decode steps: a 1M-parameter model decodes fastest on one thread, a 135M one on all cores).
+# Below about this many multiply-adds per step a thread costs more than it saves: the weights fit in
+# cache and each op lasts microseconds, about what waking a thread does. An estimate (see the
+# benchmark for a given machine); it only lowers the default, never an explicit --threads.
 MIN_WORK_PER_THREAD = 2_000_000
 
 
@@ -84,21 +88,41 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def busy_elsewhere(cores: int, stat: Path = Path("/proc/stat"), samples: int = 3) -> int:
+    """How many of `cores` other processes keep busy right now: runnable threads machine-wide (the
+    fewest of a few samples, so a passing blip does not count), minus this one, in proportion to
+    the cores this process may use. 0 where the kernel does not say (not Linux)."""
+    seen = []
+    for i in range(samples):
+        match = re.search(r"^procs_running (\d+)", _read(stat) or "", re.MULTILINE)
+        if match is None:
+            return 0
+        seen.append(max(0, int(match.group(1)) - 1))
+        if i + 1 < samples:
+            time.sleep(0.002)
+    return min(cores, min(seen) * cores // max(cores, os.cpu_count() or 1))
+
+
 def choose_threads(requested: int | None = None, *, processes: int = 1, work: int | None = None) -> int:
     """Torch compute threads for one of `processes` processes sharing this process's cores.
 
     `requested` (a --threads option or config key) wins but is capped at the share: more threads
-    than cores is never faster. Without it: the share, capped by OMP_NUM_THREADS when set, and
-    reduced for small `work` (multiply-adds per parallel op, e.g. a model's parameter count for a
-    decode step), where threads cost more than they save.
+    than cores is never faster. Otherwise: the budget in OMP_NUM_THREADS when set (by the user, or
+    by `set_thread_budget` in this process or its parent), else the cores no other process keeps
+    busy right now; reduced for small `work` (multiply-adds per parallel op, e.g. a model's
+    parameter count for a decode step), where threads cost more than they save.
     """
-    share = max(1, available_cores() // max(1, processes))
+    cores = available_cores()
+    share = max(1, cores // max(1, processes))
     if requested is not None and requested > 0:
         return min(requested, share)
-    threads = share
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
-        threads = min(threads, int(env))
+        threads = min(share, int(env))
+    else:
+        # Threads on cores other processes occupy wait at every barrier for a descheduled peer:
+        # measured 10-40x slower than leaving those cores out (benchmarks/bench_threads.py).
+        threads = max(1, (cores - busy_elsewhere(cores)) // max(1, processes))
     if work is not None:
         threads = min(threads, max(1, work // MIN_WORK_PER_THREAD))
     return threads

@@ -153,8 +153,8 @@ def maybe_relaunch(argv: list[str], options: dict[str, Any]) -> int | None:
     from llmctl.threads import choose_threads
 
     env = dict(os.environ)
-    # Each child starts OpenMP with this many threads: its share of the cores, not all of them each.
-    env["OMP_NUM_THREADS"] = str(choose_threads(processes=int(options.get("gpus") or 1)))
+    # Each child starts OpenMP with its share of this process's thread budget, not all cores each.
+    env["OMP_NUM_THREADS"] = str(max(1, choose_threads() // int(options.get("gpus") or 1)))
     return subprocess.run(cmd, env=env).returncode
 
 
