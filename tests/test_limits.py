@@ -112,3 +112,10 @@ def test_run_checks_every_stage_before_the_first_one(corpus_project, cli):
     assert "  filter.workers: 100,000" in result.stderr
     assert "  pretrain.model (n_layer, n_embd, intermediate_size, vocabulary): a " in result.stderr
     assert not (corpus_project / "workspace" / "runs").exists()
+
+
+def test_token_shard_buffers_are_bounded_by_memory(tmp_path):
+    check_limits(["tokenize"], _project(tmp_path, "tokenize.shard_tokens=100000000"), machine=SMALL)
+    (line,) = _errors(_project(tmp_path, "tokenize.shard_tokens=10000000000"), ["tokenize"])
+    assert line.startswith("tokenize.shard_tokens: 10,000,000,000 tokens per shard are buffered in memory")
+    assert line.endswith(f"at most {8 * GB // 8:,} fit")

@@ -11,6 +11,7 @@ again with its resolved inputs), so `dedup.workers=100000` is a config error, no
 What is checked:
 * worker processes (dedup, filter, tokenize `workers`) against the cores this process may use;
 * dedup MinHash signature memory (bands x rows hashes per document, per worker) against memory;
+* tokenize shard buffers (shard_tokens uint32 ids for train and for val) against memory;
 * pretrain: parameters, gradients and AdamW state (16 bytes per parameter, fp32), the rotary tables
   (max_seq_len x head_dim) and activations at micro_batch_size x seq_len, against the memory of the
   device (GPU memory, or RAM shared by the processes of a CPU run). The estimate leans low: it is
@@ -140,6 +141,13 @@ def _data_limits(stage: str, cfg: Any, machine: Machine) -> list[str]:
         errors.append(
             f"{stage}.workers: {workers:,} worker processes, but this process may use {machine.cores} "
             f"cores; at most {machine.cores} (or 0/empty: one per core)"
+        )
+    if stage == "tokenize" and 2 * cfg.shard_tokens * 4 > machine.memory_bytes:
+        # the train and val writers each buffer up to a shard of uint32 ids before writing it
+        errors.append(
+            f"tokenize.shard_tokens: {cfg.shard_tokens:,} tokens per shard are buffered in memory "
+            f"(~{_size(2 * cfg.shard_tokens * 4)} for train and val), and {machine.memory} is available; "
+            f"at most {machine.memory_bytes // 8:,} fit"
         )
     if stage == "dedup" and cfg.near and local:
         per_worker = dedup_signature_bytes(cfg.bands, cfg.rows)
