@@ -242,11 +242,10 @@ class EvalLM:
         ).flatten(0, 1)  # (B * N, C)
 
         src = torch.tensor(sources, device=dev)
-        logprob = torch.empty(len(sources), dtype=torch.float32, device=dev)
         tok_src = torch.tensor(token_source, device=dev)
         tgt = torch.tensor(targets, device=dev)
-        # Per scored source, the log-prob of each target drawn from it and the greedy token; the
-        # (rows, vocab) logits are made in chunks so their memory stays bounded.
+        # Each target's log-prob and each source's greedy token; the (rows, vocab) logits are made
+        # in chunks so that their memory stays bounded.
         tok_logprob = torch.empty(len(targets), dtype=torch.float32, device=dev)
         greedy_tok = torch.empty(len(sources), dtype=torch.long, device=dev)
         for lo in range(0, len(sources), LOGITS_CHUNK):
