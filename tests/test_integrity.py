@@ -173,6 +173,50 @@ def test_pipeline_stages_consume_what_the_previous_stage_produced_or_reused(proj
     assert (outcomes[1].artifact.path / "out.txt").read_text() == "oldhello"
 
 
+_PIPELINE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    import stage_fixtures
+    stage_fixtures.install()
+    from llmctl.config.project import ProjectConfig
+    from llmctl.reporting import Reporter
+    from llmctl.stages.runner import run_pipeline
+    folder = Path({folder!r})
+    config = ProjectConfig(name="t", workspace=str(folder / "ws"))
+
+    class PauseBeforeSink(Reporter):
+        def log(self, message):
+            if message.startswith("[2/2]"):  # echo published; let the other run publish one too
+                (folder / "a-echo-done").touch()
+                while not (folder / "b-echo-done").exists():
+                    time.sleep(0.005)
+
+    [echo, sink] = run_pipeline(
+        ["echo", "sink"], config, folder, force=True, reporter=PauseBeforeSink(),
+        options={{"echo": {{"text": "A"}}}},
+    )
+    print(echo.artifact.id, sink.inputs["upstream"], (sink.artifact.path / "out.txt").read_text())
+    """
+)
+
+
+def test_a_concurrent_run_publishing_between_stages_does_not_leak_in(project):
+    config, folder = project
+    script = _PIPELINE.format(tests=str(TESTS_DIR), folder=str(folder))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (folder / "a-echo-done").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    assert echo(project, "B", force=True).artifact.id == "echo:v0002"  # now echo:latest
+    (folder / "b-echo-done").touch()
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert stdout.split() == ["echo:v0001", "echo:v0001", "Ahello"]
+
+
 _CONCURRENT = textwrap.dedent(
     """
     import sys, time
