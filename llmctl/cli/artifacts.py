@@ -70,7 +70,7 @@ def ls(
     broken = [{"id": c.id, "stage": c.stage, "path": str(c.path), "error": c.error} for c in corrupt]
     runs = [
         {"stage": r.stage, "status": r.status, "started": r.started_at, "path": str(r.path), "error": r.error}
-        for r in ws.runs(stage)
+        for r in sorted(ws.runs(stage), key=lambda r: r.started_at)
     ]
 
     def render(console) -> None:
