@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 @pytest.mark.slow
@@ -37,3 +39,20 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     lineage = run_cli("artifacts", "lineage", "eval:latest", "--json", cwd=project).json()
     assert lineage["inputs"][0]["id"] == "pretrain:v0001"
     assert lineage["inputs"][0]["inputs"][0]["inputs"][0]["id"] == "filter:v0001"
+
+    # The README's and `generate --help`'s prompts for this model ask for a fact the corpus states:
+    # the model completes it (the answer is read from the corpus the template generated).
+    corpus = (project / "data" / "docs.jsonl").read_text()
+    documented = [
+        *re.findall(r'llmctl generate "([^"]+)" --ckpt pretrain:latest', (REPO / "README.md").read_text()),
+        *re.findall(
+            r'llmctl generate "([^"]+)" --ckpt pretrain:latest', run_cli("generate", "--help").stdout
+        ),
+    ]
+    assert documented
+    for prompt in documented:
+        answers = set(re.findall(re.escape(prompt) + r" (\w+)\.", corpus))
+        assert len(answers) == 1, f"{prompt!r}: the corpus states {answers or 'no answer'}"
+        gen = run_cli("generate", prompt, "--ckpt", "pretrain:latest", "-n", "8", "--json", cwd=project)
+        assert gen.code == 0, gen.stderr
+        assert answers.pop() in gen.json()["text"], (prompt, gen.json()["text"])

@@ -153,7 +153,7 @@ def generate(
     """Continue a prompt with a model, streaming tokens as they come.
 
     [bold]Examples[/]
-      llmctl generate "The capital of Wynbarmar is" --ckpt pretrain:latest
+      llmctl generate "The people of Wynbarmar speak" --ckpt pretrain:latest
       llmctl generate "Once upon a time" -t 0.8 --top-p 0.95 --seed 1 -n 200
       llmctl generate "2 + 2 =" --ckpt ./my-hf-model --stop "\\n" --json
     """
