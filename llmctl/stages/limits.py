@@ -167,9 +167,7 @@ def _pretrain_limits(project: Any, inputs: dict[str, Any], machine: Machine) -> 
 
     cfg = project.pretrain
     data, init = inputs.get("data"), inputs.get("init")
-    vocab = (
-        data.manifest.metrics.get("vocab_size") if data is not None else None
-    ) or project.tokenize.vocab_size
+    vocab = _vocab_size(data, project)
     mc, _ = model_config_for(cfg, int(vocab), str(init.path) if init is not None else None)
     errors = []
     if mc.max_seq_len < cfg.seq_len:
@@ -189,6 +187,20 @@ def _pretrain_limits(project: Any, inputs: dict[str, Any], machine: Machine) -> 
             f"and {where}"
         )
     return errors
+
+
+def _vocab_size(data: Any, project: Any) -> int:
+    """The tokens artifact's vocabulary (its metrics, else a shard header), else the project's setting."""
+    if data is not None:
+        if vocab := data.manifest.metrics.get("vocab_size"):
+            return int(vocab)
+        from llmctl.data.shards import list_shards, read_header
+        from llmctl.stages.pretrain import TRAIN_DIR
+
+        if shards := list_shards(data.path / TRAIN_DIR):
+            return read_header(shards[0]).vocab_size
+    tokenize = getattr(project, "tokenize", None)
+    return tokenize.vocab_size if tokenize is not None else 50_304
 
 
 def _training_memory(cfg: Any, machine: Machine, world: int) -> tuple[str, int, str]:
