@@ -8,8 +8,9 @@ Both tools score the same items with the same model folder in one process, in al
 alike: llmctl through `llmctl.evals.evaluate` (its defaults: packed shared contexts, batches of
 `--batch-tokens`), lm-eval through `simple_evaluate(model="hf", batch_size=64)` (HFLM, float32)
 with its official `hellaswag` task config pointed at the same local JSONL. Timings include model
-loading for both. The table says whether the accuracies are identical and the largest per-item
-log-likelihood difference (lm-eval's logged samples).
+loading for both. The table says whether the scores are identical (accuracies, the choice picked on
+every item, per-item log-likelihoods to 1e-5 relative) and the largest per-item log-likelihood
+difference (against lm-eval's logged samples).
 
 HellaSwag itself cannot be downloaded offline, so the items are HellaSwag-schema rows (ctx_a, ctx_b,
 activity_label, endings, label) cut from the synthetic corpus's sentences to HellaSwag's typical
@@ -165,8 +166,13 @@ def main() -> None:
             print(f"round {r + 1}: {name:8s} {seconds:7.1f} s", file=sys.stderr, flush=True)
 
     (m_ours, ll_ours), (m_ref, ll_ref) = scores["llmctl"], scores["lm-eval"]
-    diff = max(abs(a - b) for x, y in zip(ll_ours, ll_ref, strict=True) for a, b in zip(x, y, strict=True))
-    same = m_ours["acc"] == m_ref["acc"] and m_ours["acc_norm"] == m_ref["acc_norm"] and diff < 1e-4
+    pairs = [(a, b) for x, y in zip(ll_ours, ll_ref, strict=True) for a, b in zip(x, y, strict=True)]
+    diff = max(abs(a - b) for a, b in pairs)
+    rel = max(abs(a - b) / max(abs(b), 1e-9) for a, b in pairs)
+    # fp32 sums of ~25 token log-probs from two implementations differ in the last bits; "identical"
+    # means the same accuracies, the same choice picked on every item, and log-likelihoods to 1e-5.
+    picks = all(x.index(max(x)) == y.index(max(y)) for x, y in zip(ll_ours, ll_ref, strict=True))
+    same = m_ours["acc"] == m_ref["acc"] and m_ours["acc_norm"] == m_ref["acc_norm"] and picks and rel < 1e-5
     print(f"model: {folder}\nitems: {args.items} HellaSwag-shaped, threads: {args.threads}, "
           f"lm-eval batch size: {args.batch_size}, llmctl batch tokens: {args.batch_tokens}")  # fmt: skip
     print(
@@ -179,7 +185,8 @@ def main() -> None:
           f"{args.items * args.rounds / b:12.2f}  {b / a:7.2f}x")  # fmt: skip
     print(f"identical scores: {'yes' if same else 'NO'} (llmctl acc {m_ours['acc']:.4f} acc_norm "
           f"{m_ours['acc_norm']:.4f}; lm-eval acc {m_ref['acc']:.4f} acc_norm {m_ref['acc_norm']:.4f}; "
-          f"max |d loglik| {diff:.1e})")  # fmt: skip
+          f"same pick on every item: {'yes' if picks else 'NO'}; per-item log-likelihoods differ by at most "
+          f"{diff:.1e} absolute, {rel:.1e} relative)")  # fmt: skip
 
 
 if __name__ == "__main__":
