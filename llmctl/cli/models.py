@@ -129,8 +129,8 @@ Threads = Annotated[
     int | None,
     typer.Option(
         "--threads",
-        help="CPU threads (default: the cores available to this process, fewer for small models; "
-        "never more than the cores).",
+        help="CPU threads (default: the cores this process may use that no other process keeps busy, "
+        "fewer for small models; never more than the cores).",
         show_default=False,
     ),
 ]
