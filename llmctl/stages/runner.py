@@ -27,6 +27,7 @@ from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
 from llmctl.stages.limits import check_limits
 from llmctl.stages.registry import STAGES, InputSlot, Stage
+from llmctl.workspace.code import code_identity
 from llmctl.workspace.integrity import NO_VERIFY_ENV, verification_disabled
 from llmctl.workspace.manifest import (
     MANIFEST_FILE,
@@ -174,7 +175,8 @@ class StagePlan:
     sources: list[dict[str, Any]]
     config: dict[str, Any]
     config_hash: str
-    input_key: str
+    input_key: str  # also covers the code (llmctl's version and source), see workspace/code.py
+    code: dict[str, str]
 
     def up_to_date(self) -> Artifact | None:
         return self.workspace.find_up_to_date(self.stage.name, self.config_hash, self.input_key)
@@ -226,6 +228,7 @@ def plan_stage(
     input_records = [
         workspace.input_record(slot, ref, art) for slot, ref in used_refs if (art := inputs[slot]) is not None
     ]
+    code = code_identity()
     return StagePlan(
         stage=stage,
         workspace=workspace,
@@ -234,7 +237,8 @@ def plan_stage(
         sources=sources,
         config=config,
         config_hash=stable_hash(config),
-        input_key=inputs_key(input_records, sources),
+        input_key=inputs_key(input_records, sources, code),
+        code=code,
     )
 
 
@@ -348,6 +352,7 @@ def _execute(
             "metrics": {**(metrics or {}), "stage_seconds": round(seconds, 3)},
             "environment": environment_info(ctx.device),
             "notes": ctx.notes,
+            "code": plan.code,
         },
     )
     if not stage.keeps_run_dir:

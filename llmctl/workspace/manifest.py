@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_FILE = "manifest.json"
 # 2: inputs given by path record their content hash and the artifact they are a copy of.
-# Version 1 manifests read unchanged (the new fields are optional).
-SCHEMA_VERSION = 2
+# 3: `code` records llmctl's version and source fingerprint; it joins the input key.
+# Older manifests read unchanged (the new fields are optional); they are never up to date.
+SCHEMA_VERSION = 3
 
 
 class InputRecord(BaseModel):
@@ -75,14 +76,21 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     environment: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list, description="Inherited/overridden values, warnings.")
+    code: dict[str, str] = Field(
+        default_factory=dict,
+        description="The code that made it: llmctl_version and source_sha256 (see workspace/code.py).",
+    )
 
     def input_key(self) -> str:
-        return inputs_key(self.inputs, self.sources)
+        return inputs_key(self.inputs, self.sources, self.code)
 
 
-def inputs_key(inputs: list[InputRecord], sources: list[dict[str, Any]]) -> str:
-    """What 'the same inputs' means for up-to-date checks: input manifests and source fingerprints."""
-    return stable_hash({"inputs": [(i.slot, i.id, i.manifest_sha256) for i in inputs], "sources": sources})
+def inputs_key(inputs: list[InputRecord], sources: list[dict[str, Any]], code: dict[str, str]) -> str:
+    """What 'the same inputs' means for up-to-date checks: input manifests, source fingerprints and
+    the code that runs the stage (a code change must not reuse what older code made)."""
+    return stable_hash(
+        {"inputs": [(i.slot, i.id, i.manifest_sha256) for i in inputs], "sources": sources, "code": code}
+    )
 
 
 def now_iso() -> str:
