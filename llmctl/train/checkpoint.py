@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from llmctl.errors import InputError
+from llmctl.faults import fault_point
 from llmctl.model.checkpoint import load_safetensors, save_state_dict_folder, weight_files
 from llmctl.model.config import ModelConfig
 
@@ -72,6 +73,7 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_state_dict_folder(model_state, model_config, tmp, dtype=torch.float32)
+    fault_point("checkpoint-save")  # tests kill the process here: weights written, the rest not
     torch.save(optim_state, tmp / OPTIMIZER_FILE)
     payload = {"version": STATE_VERSION, "step": step, **state}
     (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1) + "\n")

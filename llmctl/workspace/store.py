@@ -15,9 +15,10 @@ Layout under the workspace folder:
 A run killed at any moment leaves at most a folder under runs/, which never resolves as an artifact;
 `llmctl artifacts ls` shows it as incomplete and `llmctl artifacts clean` removes it.
 
-References: `STAGE:latest`, `STAGE:vN` / `STAGE:N`, `latest` (newest among the kinds a consumer
-accepts), or a path to an artifact folder. Resolving checks the artifact's files against its manifest
-(integrity.py). A version folder whose manifest is missing or unreadable is listed as corrupt, and
+References: `STAGE:latest`, `STAGE:vN` / `STAGE:N`, `latest` (for a consumer of some kinds: the
+newest of those kinds in pipeline order, i.e. the newest artifact of the last stage that has one;
+without kinds: the most recently published), or a path to an artifact folder. Resolving checks the
+artifact's files against its manifest (integrity.py). A version folder whose manifest is missing or unreadable is listed as corrupt, and
 `latest` refuses to resolve past it rather than silently picking an older artifact.
 """
 
@@ -40,6 +41,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from llmctl.errors import InputError
+from llmctl.faults import fault_point
 from llmctl.workspace.integrity import (
     HashCache,
     check_artifact,
@@ -177,8 +179,11 @@ def _pid_alive(pid: int) -> bool:
 class Workspace:
     """One project's artifact store."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, stage_order: tuple[str, ...] = ()):
+        """`stage_order`: stages in pipeline order; with it, `latest` for a consumer of given kinds
+        is the newest artifact of the last stage in that order that has one (see `resolve`)."""
         self.root = root
+        self.stage_order = stage_order
         self.artifacts_dir = root / "artifacts"
         self.runs_dir = root / "runs"
         self.hashes = HashCache(root / ".cache" / "file-hashes.json")
@@ -296,7 +301,7 @@ class Workspace:
                     f"no artifact of kind {wanted} in {self.root}",
                     hint=self._what_exists_hint(),
                 )
-            return max(candidates, key=lambda a: (a.manifest.finished_at, a.version))
+            return max(candidates, key=lambda a: self._latest_rank(a, kinds))
         match = re.fullmatch(r"([A-Za-z_][\w-]*):(latest|v?\d+)", ref)
         if match and not Path(ref).exists():
             stage, which = match.groups()
@@ -325,6 +330,14 @@ class Workspace:
             f"unknown reference {ref!r}: expected latest, STAGE:latest, STAGE:vN or a path",
             hint=self._what_exists_hint(),
         )
+
+    def _latest_rank(self, artifact: Artifact, kinds: tuple[str, ...] | None) -> tuple:
+        """A consumer of given kinds takes the newest artifact in pipeline order (the last stage that
+        has one, e.g. the newest model whichever training stage made it); with no kinds, `latest`
+        is the most recently published artifact. Stages outside `stage_order` come before it."""
+        rank = self.stage_order.index(artifact.stage) if artifact.stage in self.stage_order else -1
+        by_time = (artifact.manifest.finished_at, artifact.version)
+        return (rank, artifact.version) if kinds is not None and self.stage_order else (0, *by_time)
 
     @staticmethod
     def _refuse_corrupt(corrupt: list[CorruptArtifact], artifacts: list[Artifact], ref: str) -> None:
@@ -479,12 +492,14 @@ class Workspace:
         output = run_dir / "output"
         with self.lock():
             version = self._highest_version(stage) + 1
+            fault_point("version-allocated")
             self._record_version(stage, version)
             manifest = Manifest(**manifest_fields, id=artifact_id(stage, version), version=version)
             tmp = output / (MANIFEST_FILE + ".tmp")
             tmp.write_text(manifest.model_dump_json(indent=2))
             os.replace(tmp, output / MANIFEST_FILE)
             final = self.artifacts_dir / stage / version_dir_name(version)
+            fault_point("publish-before-rename")
             os.rename(output, final)  # the publish: atomic on one filesystem
         self.write_run_state(run_dir, status="published", artifact=manifest.id)
         # The runner has just hashed every file: seed the cache so the first consumer does not rehash.
