@@ -1,6 +1,6 @@
 """Training-step throughput on CPU: llmctl's model + optimizer setup vs a nanoGPT-style reference.
 
-    python benchmarks/bench_train_cpu.py                 # both configs from shared/ANCHORS.md
+    python benchmarks/bench_train_cpu.py                 # both configs (small, medium)
     python benchmarks/bench_train_cpu.py --config small --rounds 5
     python benchmarks/bench_train_cpu.py --compile        # both models torch.compile'd
 
@@ -9,8 +9,9 @@ model runs at >= 1.0x the tokens/s of nanoGPT's GPT-2-style `model.py` with the 
 n_head, n_embd, sequence length, batch and vocabulary, on 2 threads.
 
 "Same shapes": ours uses SwiGLU with hidden 8/3 * n_embd (swiglu_hidden: rounded up to 32), RMSNorm and rotary
-positions; the reference a 4x GELU MLP, LayerNorm with bias and learned positions. The MLP FLOPs
-are the same to rounding; parameter counts of both are printed. Both use tied embeddings, causal
+positions; the reference a 4x GELU MLP, LayerNorm and learned positions, no biases (`bias = False`,
+nanoGPT train.py's default). The MLP FLOPs are the same to rounding; parameter counts of both are
+printed. Both use tied embeddings, causal
 SDPA and AdamW(fused=False). The two models are timed in alternating rounds in one process, and
 each round's tokens/s is reported with the median, so machine noise hits both alike.
 """
@@ -32,20 +33,20 @@ from llmctl.model.transformer import Transformer
 from llmctl.train.optim import make_adamw, param_groups
 
 CONFIGS = {
-    # name: (n_layer, n_head, n_embd, T, B, vocab); the ANCHORS.md reference figures in comments
-    "small": (4, 4, 128, 64, 12, 65),  # nanoGPT 14.8k tok/s on 2 threads
-    "medium": (6, 6, 384, 256, 16, 8192),  # nanoGPT 1.69k tok/s on 2 threads
+    # name: (n_layer, n_head, n_embd, T, B, vocab)
+    "small": (4, 4, 128, 64, 12, 65),
+    "medium": (6, 6, 384, 256, 16, 8192),
 }
 
 
-# ---- the reference: nanoGPT model.py, condensed (dropout 0, bias True, tied head) --------------
+# ---- the reference: nanoGPT model.py, condensed (dropout 0, tied head, bias False as train.py) -
 
 
 class RefAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int):
         super().__init__()
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
         self.n_head = n_head
 
     def forward(self, x):
@@ -59,11 +60,11 @@ class RefAttention(nn.Module):
 class RefBlock(nn.Module):
     def __init__(self, n_embd: int, n_head: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd)
+        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
         self.attn = RefAttention(n_embd, n_head)
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -76,7 +77,7 @@ class RefGPT(nn.Module):
         self.wte = nn.Embedding(vocab, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.h = nn.ModuleList(RefBlock(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.ln_f = nn.LayerNorm(n_embd, bias=False)
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
         self.wte.weight = self.lm_head.weight
         for name, p in self.named_parameters():
