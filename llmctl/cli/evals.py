@@ -98,7 +98,7 @@ def eval_(
             "default: eval.tasks. `compare REF REF...` compares eval artifacts."
         ),
     ] = None,
-    ckpt: CkptOption = "latest",
+    ckpt: CkptOption = None,  # eval.model, else latest
     data: Annotated[
         str | None,
         typer.Option(
@@ -146,6 +146,9 @@ def eval_(
 ) -> None:
     """Evaluate a model: lm-evaluation-harness-compatible benchmarks, custom tasks, perplexity.
 
+    The model: --ckpt, else eval.model, else the newest model in pipeline order (the last training
+    stage that has one; an imported model only while no stage trained one).
+
     [bold]Examples[/]
       llmctl eval mmlu --ckpt latest --data-dir ~/data/mmlu --shots 5
       llmctl eval hellaswag arc_easy --ckpt import:latest --limit 300
@@ -179,7 +182,7 @@ def eval_(
     }
     state = state_of(ctx)
     out = state.output(json_)
-    plain = plain_model_folder(ckpt)
+    plain = plain_model_folder(ckpt) if ckpt else None
     if plain is not None:
         # A plain HF model folder: evaluate it directly; there is no artifact to publish.
         from llmctl.config.eval import EvalConfig
@@ -192,8 +195,9 @@ def eval_(
 
         config, folder = state.load_project(sets)
         # Say which model `latest` (or any reference) is, and evaluate exactly that one.
-        model = workspace_for(config, folder).resolve(ckpt, kinds=("model",))
-        out.reporter().log(f"model: {model.id}" + ("" if ckpt == model.id else f" (--ckpt {ckpt})"))
+        ref = ckpt or config.eval.model or "latest"
+        model = workspace_for(config, folder).resolve(ref, kinds=("model",))
+        out.reporter().log(f"model: {model.id}" + ("" if ref == model.id else f" ({ref})"))
         outcome = run_stage(
             "eval",
             config,

@@ -18,7 +18,8 @@ CkptOption = Annotated[
     str,
     typer.Option(
         "--ckpt",
-        help="Model: latest, pretrain:vN, import:latest, ... or an HF model folder.",
+        help="Model: latest (the newest model in pipeline order: the last training stage that has one; "
+        "an import counts as before the pipeline), STAGE:latest, STAGE:vN, or an HF model folder.",
         autocompletion=complete_refs(("model",)),
     ),
 ]
@@ -152,6 +153,8 @@ def generate(
 ) -> None:
     """Continue a prompt with a model, streaming tokens as they come.
 
+    Without --ckpt: the newest model in pipeline order (the last training stage that has one).
+
     [bold]Examples[/]
       llmctl generate "The people of Wynbarmar speak" --ckpt pretrain:latest
       llmctl generate "Once upon a time" -t 0.8 --top-p 0.95 --seed 1 -n 200
@@ -239,6 +242,7 @@ def chat(
 
     With --json nothing is interactive: user turns come from stdin, one per line, up to an empty line.
     One JSON document with the whole transcript is printed at the end.
+    Without --ckpt: the newest model in pipeline order (the last training stage that has one).
 
     [bold]Examples[/]
       llmctl chat --ckpt import:latest

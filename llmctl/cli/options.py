@@ -69,10 +69,10 @@ class CliState:
     def load_project(self, sets: list[str] | None = None) -> tuple[Any, Path]:
         """The validated project config (after --set overrides) and the project folder."""
         from llmctl.config.loading import PROJECT_FILE, load_config
-        from llmctl.config.project import ProjectConfig
+        from llmctl.stages.registry import project_model
 
         folder = self.project_dir()
-        return load_config(ProjectConfig, folder / PROJECT_FILE, sets, context={"base_dir": folder}), folder
+        return load_config(project_model(), folder / PROJECT_FILE, sets, context={"base_dir": folder}), folder
 
 
 def state_of(ctx: typer.Context) -> CliState:

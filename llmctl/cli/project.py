@@ -111,9 +111,9 @@ def config_schema(ctx: typer.Context) -> None:
     """
     import json
 
-    from llmctl.config.project import ProjectConfig
+    from llmctl.stages.registry import project_model
 
-    print(json.dumps(ProjectConfig.model_json_schema(), indent=2))
+    print(json.dumps(project_model().model_json_schema(), indent=2))
 
 
 def register(app: typer.Typer) -> None:

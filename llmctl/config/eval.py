@@ -85,6 +85,11 @@ class EvalConfig(Section):
     world_items: int = Field(
         default=150, ge=1, description="Number of world_mc items (the default world has 186 facts)."
     )
+    model: str | None = Field(
+        default=None,
+        description="Model to evaluate (e.g. 'import:latest'); null = the newest model in pipeline order "
+        "(the last training stage that has one; `import` counts as before the pipeline).",
+    )
 
     @model_validator(mode="after")
     def _unique_custom_names(self) -> EvalConfig:

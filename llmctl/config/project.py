@@ -1,7 +1,8 @@
 """The llmctl.yaml schema: project-level keys plus one section per stage.
 
 Each stage's section model lives beside this file (config/dedup.py, config/tokenize.py, ...); this
-module only composes them. Adding a stage = adding its section here and its entry in the registry.
+module composes those of the original stages for typed access. A stage added later names its section
+model in its registry entry only: `llmctl.stages.registry.project_model()` extends this model with it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Stage registrations, in pipeline order. One entry per stage; see registry.py for the fields."""
+"""Stage registrations, in pipeline order. One entry per stage; see registry.py for the fields and
+for what adding a stage touches. Stages of other distributions (entry points in the `llmctl.stages`
+group) are registered after these."""
+
+from importlib.metadata import entry_points
 
 from llmctl.stages.registry import (
     CORPUS,
@@ -10,6 +14,7 @@ from llmctl.stages.registry import (
     Stage,
     pipeline_stages,
     register,
+    stage_order,
 )
 
 register(
@@ -18,6 +23,7 @@ register(
         description="Remove exact and near-duplicate documents (MinHash LSH).",
         output_kind=CORPUS,
         sections=("dedup",),
+        config="llmctl.config.dedup:DedupConfig",
         reads_sources=True,
     )
 )
@@ -27,6 +33,7 @@ register(
         description="Drop low-quality documents with datatrove's quality filters; mask PII.",
         output_kind=CORPUS,
         sections=("filter",),
+        config="llmctl.config.filter:FilterConfig",
         inputs=(InputSlot("corpus", (CORPUS,), ("dedup",), sources_fallback=True),),
     )
 )
@@ -36,6 +43,7 @@ register(
         description="Train a byte-level BPE tokenizer and encode the corpus into token shards.",
         output_kind=TOKENS,
         sections=("tokenize",),
+        config="llmctl.config.tokenize:TokenizeConfig",
         inputs=(InputSlot("corpus", (CORPUS,), ("filter", "dedup"), sources_fallback=True),),
     )
 )
@@ -45,6 +53,7 @@ register(
         description="Train a transformer on token shards; publish an HF-compatible model folder.",
         output_kind=MODEL,
         sections=("pretrain",),
+        config="llmctl.config.pretrain:PretrainConfig",
         inputs=(
             InputSlot("data", (TOKENS,), ("tokenize",)),
             InputSlot("init", (MODEL,), (), required=False, config_key="init"),
@@ -58,8 +67,9 @@ register(
         description="Score a model on benchmarks, custom tasks and perplexity.",
         output_kind=EVAL,
         sections=("eval",),
+        config="llmctl.config.eval:EvalConfig",
         inputs=(
-            InputSlot("model", (MODEL,), ("pretrain",)),
+            InputSlot("model", (MODEL,), newest_in_pipeline=True, config_key="model"),
             InputSlot("data", (TOKENS,), ("tokenize",), required=False),
         ),
     )
@@ -75,4 +85,7 @@ register(
     )
 )
 
-__all__ = ["STAGES", "InputSlot", "Stage", "pipeline_stages", "register"]
+for _entry in entry_points(group="llmctl.stages"):
+    _entry.load()  # the module registers its stages
+
+__all__ = ["STAGES", "InputSlot", "Stage", "pipeline_stages", "register", "stage_order"]

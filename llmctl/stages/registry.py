@@ -1,8 +1,26 @@
-"""The one list of stages: name, config sections, inputs, output kind, and the module that runs it.
+"""The one list of stages: name, config section, inputs, output kind, and the module that runs it.
 
-The CLI, `llmctl run`, the config schema and artifact kinds all read this list. A stage module
-(`llmctl/stages/<name>.py`) exposes `run(ctx: StageContext) -> dict` returning its metrics; it is
-imported only when the stage runs, so `llmctl --help` stays instant.
+The CLI (commands, `llmctl run`, completions), the llmctl.yaml schema and artifact kinds all read
+this list. A stage module (`llmctl/stages/<name>.py`) exposes `run(ctx: StageContext) -> dict`
+returning its metrics; it is imported only when the stage runs, so `llmctl --help` stays instant.
+
+Adding a stage touches four things, and nothing else:
+  1. its config section: a `Section` model (`llmctl/config/<name>.py`), named in the entry's `config`;
+     the project schema (`llmctl config schema`, llmctl.yaml validation) picks it up from here;
+  2. its stage module: `run(ctx)` reading `ctx.inputs`, writing `ctx.output_dir`, returning metrics;
+  3. its registry entry: `register(Stage(...))` in `llmctl/stages/__init__.py` (pipeline order);
+  4. a thin CLI command, named in the entry's `command` (`module:function`); without one, the stage
+     gets a generic command (one `--SLOT` option per input, `--force`, `--set`, `--json`).
+`llmctl run`, `run --from/--until` and their completions list every pipeline stage from here.
+Stages from other distributions register the same way from a module named by an entry point in the
+`llmctl.stages` group; it is imported after the built-in stages, so its stages come last.
+
+"The newest model" (any kind, in fact) is a rule, not a per-stage list: an input slot with
+`newest_in_pipeline` and no reference takes the newest artifact of its kinds in pipeline order,
+i.e. from the last stage in `stage_order()` that has one (after sft runs, the sft model; before,
+pretrain's). Stages outside the pipeline (`import`) come first in that order: an imported model is a
+starting point, so any model the pipeline trained is newer; name it (`import:latest`) to use it then.
+`latest` given to a model consumer (`--ckpt latest`) follows the same order (`Workspace.stage_order`).
 """
 
 from __future__ import annotations
@@ -34,6 +52,13 @@ class InputSlot:
     required: bool = True
     sources_fallback: bool = False
     config_key: str | None = None  # a field of the stage's section that may hold the reference
+    newest_in_pipeline: bool = False  # default: the newest of `kinds` in pipeline order (see above)
+
+    def defaults(self) -> tuple[str, ...]:
+        """The stages whose newest artifact a reference-less input takes, first match wins."""
+        if not self.newest_in_pipeline:
+            return self.default_stages
+        return tuple(reversed([s for s in stage_order() if STAGES[s].output_kind in self.kinds]))
 
 
 @dataclass(frozen=True)
@@ -47,10 +72,21 @@ class Stage:
     in_pipeline: bool = True  # part of `llmctl run`
     keeps_run_dir: bool = False  # keep checkpoints in the run folder after publishing
     module: str | None = None  # defaults to llmctl.stages.<name>
+    config: str | None = None  # "module:Class" of its llmctl.yaml section (sections[0])
+    command: str | None = None  # "module:function" of its CLI command; None: a generic one
 
     def load_run(self) -> Callable[[StageContext], dict[str, Any]]:
         module = importlib.import_module(self.module or f"llmctl.stages.{self.name}")
         return module.run
+
+    def config_model(self) -> type | None:
+        return load_object(self.config) if self.config else None
+
+
+def load_object(spec: str) -> Any:
+    """`package.module:name` -> the object."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # Pipeline order: `llmctl run` walks this list top to bottom.
@@ -65,3 +101,25 @@ def register(stage: Stage) -> Stage:
 
 def pipeline_stages() -> list[Stage]:
     return [s for s in STAGES.values() if s.in_pipeline]
+
+
+def stage_order() -> list[str]:
+    """Pipeline order for "newest": stages outside the pipeline (starting points such as `import`)
+    first, then the pipeline stages in the order `llmctl run` walks them."""
+    return [s.name for s in STAGES.values() if not s.in_pipeline] + [s.name for s in pipeline_stages()]
+
+
+def project_model() -> type:
+    """The llmctl.yaml model: `ProjectConfig` plus the section of each registered stage it lacks."""
+    from pydantic import Field, create_model
+
+    from llmctl.config.project import ProjectConfig
+
+    extra = {
+        s.sections[0]: (model, Field(default_factory=model, description=s.description))
+        for s in STAGES.values()
+        if s.sections and s.sections[0] not in ProjectConfig.model_fields and (model := s.config_model())
+    }
+    if not extra:
+        return ProjectConfig
+    return create_model("ProjectConfig", __base__=ProjectConfig, __doc__=ProjectConfig.__doc__, **extra)

@@ -26,7 +26,7 @@ from llmctl.errors import ConfigError, InputError, Interrupted, LlmctlError
 from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
 from llmctl.stages.limits import check_limits
-from llmctl.stages.registry import STAGES, InputSlot, Stage
+from llmctl.stages.registry import STAGES, InputSlot, Stage, stage_order
 from llmctl.workspace.code import code_identity
 from llmctl.workspace.integrity import NO_VERIFY_ENV, verification_disabled
 from llmctl.workspace.manifest import (
@@ -52,7 +52,8 @@ class StageOutcome:
 
 def workspace_for(project: Any, project_dir: Path) -> Workspace:
     root = Path(project.workspace)
-    return Workspace(root if root.is_absolute() else project_dir / root)
+    # `latest` for a consumer of some kinds follows pipeline order, like a reference-less input.
+    return Workspace(root if root.is_absolute() else project_dir / root, stage_order=tuple(stage_order()))
 
 
 def get_stage(name: str) -> Stage:
@@ -65,7 +66,8 @@ def resolve_inputs(
     stage: Stage, workspace: Workspace, refs: dict[str, str], section: Any = None
 ) -> tuple[dict[str, Artifact | None], list[tuple[str, str]]]:
     """Explicit refs win, then a reference in the stage's config section (slot.config_key), then the
-    newest artifact of the first default stage that has one."""
+    newest artifact of the first default stage that has one (for `newest_in_pipeline` slots: the
+    last stage in pipeline order that has one, see registry.py)."""
     unknown = set(refs) - {slot.name for slot in stage.inputs}
     assert not unknown, f"{stage.name} has no input slot(s) {sorted(unknown)}"
     resolved: dict[str, Artifact | None] = {}
@@ -89,7 +91,8 @@ def _default_ref(stage: Stage, slot: InputSlot, workspace: Workspace) -> str | N
     refuses it). A default stage that was run but never published (failed, interrupted, still
     running) stops the search: silently reading an older stage, or the raw sources, would feed this
     stage data the user did not mean."""
-    for name in slot.default_stages:
+    defaults = slot.defaults()
+    for name in defaults:
         if workspace.artifacts(name) or workspace.corrupt(name):
             return f"{name}:latest"
         pending = workspace.runs(name)
@@ -106,7 +109,7 @@ def _default_ref(stage: Stage, slot: InputSlot, workspace: Workspace) -> str | N
                 f"forgets the unpublished run",
             )
     if slot.required and not slot.sources_fallback:
-        makers = " or ".join(f"`llmctl {s}`" for s in slot.default_stages) or "an earlier stage"
+        makers = " or ".join(f"`llmctl {s}`" for s in defaults) or "an earlier stage"
         raise InputError(
             f"{stage.name} needs a {'/'.join(slot.kinds)} artifact ({slot.name}) and none exists",
             hint=f"run {makers} first, or pass a reference",
@@ -398,7 +401,7 @@ def run_pipeline(
         stage = get_stage(name)
         refs = {}
         for slot in stage.inputs:
-            upstream = next((s for s in slot.default_stages if s in produced), None)
+            upstream = next((s for s in slot.defaults() if s in produced), None)
             if upstream is not None:
                 refs[slot.name] = produced[upstream].id
         outcome = run_stage(

@@ -1,0 +1,66 @@
+"""A command for every registered stage that has none yet: the entry's `command` (`module:function`)
+or a generic one built from the entry itself.
+
+The generic command takes one `--SLOT` option per input (an artifact reference; default: what the
+registry's rule picks), `--force`, `--set` and `--json`, and runs the stage like any other.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any
+
+import typer
+
+from llmctl.cli.completion import complete_refs
+from llmctl.cli.options import ForceOption, JsonOption, SetOption
+from llmctl.cli.stages import run_stage_command
+
+
+def generic_command(stage: Any) -> Any:
+    """A typer command for `stage`: run it (or reuse its up-to-date artifact) and print the outcome."""
+    slots = [slot.name for slot in stage.inputs]
+
+    def command(ctx: typer.Context, **params: Any) -> None:
+        refs = {slot: params.get(slot.replace("-", "_")) for slot in slots}
+        run_stage_command(
+            ctx, stage.name, sets=params["sets"], force=params["force"], json_=params["json_"], refs=refs
+        )
+
+    parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    for slot in stage.inputs:
+        option = typer.Option(
+            f"--{slot.name}",
+            help=f"Input {'/'.join(slot.kinds)} artifact (default: the newest, as the stage registry says).",
+            autocompletion=complete_refs(slot.kinds),
+        )
+        parameters.append(
+            inspect.Parameter(
+                slot.name.replace("-", "_"),
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[str | None, option],
+                default=None,
+            )
+        )
+    for name, annotation, default in (
+        ("force", ForceOption, False),
+        ("sets", SetOption, None),
+        ("json_", JsonOption, False),
+    ):
+        parameters.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        )
+    command.__signature__ = inspect.Signature(parameters)  # what typer reads for the options
+    command.__doc__ = f"{stage.description}\n\n[bold]Examples[/]\n  llmctl {stage.name}\n  llmctl {stage.name} --force --json\n"
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    from llmctl.stages import STAGES
+    from llmctl.stages.registry import load_object
+
+    taken = {info.name for info in app.registered_commands}
+    for stage in STAGES.values():
+        if stage.name in taken:
+            continue
+        app.command(stage.name)(load_object(stage.command) if stage.command else generic_command(stage))
