@@ -30,9 +30,10 @@ def artifact_extras(artifact, *, samples: int = 0, encode: str | None = None) ->
 
 def tokens_of(artifact, text: str) -> list[dict[str, Any]]:
     """The tokens of `text` under a tokens or model artifact's tokenizer: [{id, token}]."""
+    from llmctl.data.shards import TOKENIZER_DIR
     from llmctl.data.tokenizer import load_tokenizer
 
-    folder = artifact.path / "tokenizer" if artifact.kind == "tokens" else artifact.path
+    folder = artifact.path / TOKENIZER_DIR if artifact.kind == "tokens" else artifact.path
     return [{"id": i, "token": tok} for i, tok in load_tokenizer(folder).inspect(text)]
 
 

@@ -26,7 +26,14 @@ from typing import Any, Literal
 import numpy as np
 import xxhash
 
-from llmctl.data.shards import ShardInfo, ShardWriter, list_shards, token_dtype, write_index
+from llmctl.data.shards import (
+    SPLITS,
+    ShardInfo,
+    ShardWriter,
+    list_shards,
+    token_dtype,
+    write_index,
+)
 from llmctl.data.tokenizer import Tokenizer, tiktoken_from_json
 from llmctl.data.workers import worker_pool
 from llmctl.errors import ConfigError, InputError
@@ -234,7 +241,7 @@ def encode_corpus(
     assert workers >= 1, workers
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"tokenize.val_fraction must be in [0, 1), got {val_fraction}")
-    for split in ("train", "val"):
+    for split in SPLITS:
         if list_shards(out_dir / split):
             raise InputError(f"{out_dir / split}: already holds token shards; encode into an empty folder")
     start = time.perf_counter()
@@ -265,7 +272,7 @@ def encode_corpus(
             bos_id=tokenizer.bos_id,
             shard_tokens=shard_tokens,
         )
-        for split in ("train", "val")
+        for split in SPLITS
     }
     docs_n = {"train": 0, "val": 0}
     bytes_n = {"train": 0, "val": 0}
@@ -275,7 +282,7 @@ def encode_corpus(
 
         def consume(result: tuple[_Part, _Part, np.ndarray]) -> None:
             nonlocal used
-            for split, part in zip(("train", "val"), result[:2], strict=True):
+            for split, part in zip(SPLITS, result[:2], strict=True):
                 writers[split].add(part.tokens, part.lengths)
                 docs_n[split] += len(part.lengths)
                 bytes_n[split] += part.text_bytes

@@ -21,8 +21,9 @@ Conventions: BOS is prepended to every document (nanochat), so `tokens[doc_start
 documents never straddle shards (a shard may exceed the rotation size by up to one document);
 uint16 is used when vocab_size <= 65536, else uint32.
 
-A tokenized corpus is a folder with `train/` and `val/` sub-folders of `shard_000000.bin`, ... and
-a `shards.json` index (format, vocab size, bos id and convention, tokenizer id, per-shard counts).
+A tokens artifact (a tokenized corpus) is a folder with `tokenizer/` and one sub-folder per split
+(`train/`, `val/`) of `shard_000000.bin`, ... and a `shards.json` index (format, vocab size, bos id and
+convention, tokenizer id, per-shard counts). The names below are that layout, defined only here.
 Shards are written under a temporary name and renamed, so a shard file is either whole or absent.
 """
 
@@ -47,6 +48,10 @@ _HEADER = struct.Struct("<8sIIIIiIQQQ")
 assert _HEADER.size <= HEADER_SIZE, _HEADER.size
 _DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 INDEX_FILE = "shards.json"
+# The tokens artifact's layout: every writer and reader imports these names.
+TOKENIZER_DIR = "tokenizer"
+TRAIN_DIR, VAL_DIR = "train", "val"
+SPLITS = (TRAIN_DIR, VAL_DIR)
 SHARD_GLOB = "shard_*.bin"
 BOS_CONVENTION = "bos_prepended"  # every document is [bos] + tokens; bos separates documents
 

@@ -167,9 +167,10 @@ def perplexity_on_tokens(
     model's context). Bits per byte counts only tokens that stand for text (special tokens like BOS
     have no bytes and are left out of both sums, as nanochat does)."""
     from llmctl.data.loader import val_batches
+    from llmctl.data.shards import TOKENIZER_DIR, VAL_DIR
     from llmctl.data.tokenizer import load_tokenizer, tokenizer_file_id
 
-    tok = load_tokenizer(tokens_dir / "tokenizer")
+    tok = load_tokenizer(tokens_dir / TOKENIZER_DIR)
     model_tok = Path(lm.name) / "tokenizer.json"
     if model_tok.is_file() and (model_id := tokenizer_file_id(model_tok)) != tok.tokenizer_id:
         raise InputError(
@@ -190,7 +191,7 @@ def perplexity_on_tokens(
     seq_len = lm.max_length
     bs = max(1, min(batch_size, 8))
     loss_sum, n_tokens, text_loss, text_bytes = 0.0, 0, 0.0, 0.0
-    batches = list(val_batches(tokens_dir / "val", batch_size=bs, seq_len=seq_len, max_batches=limit))
+    batches = list(val_batches(tokens_dir / VAL_DIR, batch_size=bs, seq_len=seq_len, max_batches=limit))
     with reporter.progress("perplexity", total=len(batches) * bs * seq_len, unit="tok") as bar:
         for x, y in batches:
             losses = lm.token_losses(x, y).double().cpu()  # (B, T)

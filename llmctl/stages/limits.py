@@ -194,8 +194,7 @@ def _vocab_size(data: Any, project: Any) -> int:
     if data is not None:
         if vocab := data.manifest.metrics.get("vocab_size"):
             return int(vocab)
-        from llmctl.data.shards import list_shards, read_header
-        from llmctl.stages.pretrain import TRAIN_DIR
+        from llmctl.data.shards import TRAIN_DIR, list_shards, read_header
 
         if shards := list_shards(data.path / TRAIN_DIR):
             return read_header(shards[0]).vocab_size

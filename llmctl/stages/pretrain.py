@@ -33,7 +33,7 @@ import torch
 
 from llmctl.config.pretrain import DEFAULT_MAX_STEPS, PretrainConfig
 from llmctl.data.loader import TokenLoader, val_batches
-from llmctl.data.shards import TokenShard, list_shards
+from llmctl.data.shards import TOKENIZER_DIR, TRAIN_DIR, VAL_DIR, TokenShard, list_shards
 from llmctl.data.tokenizer import Tokenizer, load_tokenizer
 from llmctl.errors import ConfigError, InputError, Interrupted, StageFailed
 from llmctl.model.checkpoint import load_model_folder, read_model_config, save_state_dict_folder
@@ -53,8 +53,6 @@ from llmctl.train.interrupts import StepBoundaryStop
 from llmctl.train.metrics import ExternalLoggers, MetricsWriter, mfu, peak_flops, plot_losses
 from llmctl.train.optim import lr_at, make_adamw, param_groups
 
-# The layout of a tokens artifact (written by the tokenize stage, llmctl.data.encode).
-TOKENIZER_DIR, TRAIN_DIR, VAL_DIR = "tokenizer", "train", "val"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 SPIKE_WINDOW = 50  # good losses averaged for the spike test

@@ -15,12 +15,11 @@ from typing import Any
 
 from llmctl.data.corpus import iter_corpus
 from llmctl.data.encode import encode_corpus
+from llmctl.data.shards import TOKENIZER_DIR
 from llmctl.data.sources import read_sources
 from llmctl.data.tokenizer import adopt_tokenizer, train_tokenizer
 from llmctl.errors import ConfigError
 from llmctl.stages.context import StageContext
-
-TOKENIZER_DIR = "tokenizer"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
