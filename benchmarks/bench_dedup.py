@@ -111,13 +111,13 @@ def main() -> None:
 
         w = args.workers
         timed(
-            "llmctl datasketch engine",
+            "llmctl minhash engine",
             w,
             lambda: llmctl_run(corpus, tmp_path, DedupConfig(workers=w)),
             f"{w} workers",
         )
         timed(
-            "llmctl datasketch engine",
+            "llmctl minhash engine",
             1,
             lambda: llmctl_run(corpus, tmp_path, DedupConfig(workers=1)),
             "in-process",
@@ -177,7 +177,7 @@ def main() -> None:
         print(
             f"{name:<38} {n:>8,} {secs:>8.1f} {rate:>9,.0f} {cores:>5} {rate / cores:>11,.0f} {kept:>8,}  {note}"
         )
-    print("\ntarget: llmctl datasketch engine >= 5,000 docs/s per core end to end")
+    print("\ntarget: llmctl minhash engine >= 5,000 docs/s per core end to end")
 
 
 if __name__ == "__main__":

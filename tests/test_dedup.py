@@ -74,7 +74,7 @@ def _check_against_truth(docs: list[Document], truth: CorpusTruth, out: Path, me
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_datasketch_engine_finds_planted_duplicates(corpus, tmp_path: Path, workers: int) -> None:
+def test_minhash_engine_finds_planted_duplicates(corpus, tmp_path: Path, workers: int) -> None:
     docs, truth = corpus
     cfg = DedupConfig(workers=workers, shard_size=1000)
     metrics = run_dedup(iter(docs), tmp_path / "out", cfg, scratch_dir=tmp_path / "scratch")
@@ -104,15 +104,15 @@ def test_engines_agree_on_exact_only(corpus, tmp_path: Path) -> None:
     docs, truth = corpus
     docs = docs[:600]
     results = {}
-    for engine in ("datasketch", "datatrove"):
+    for engine in ("minhash", "datatrove"):
         cfg = DedupConfig(engine=engine, near=False, workers=1)
         out = tmp_path / engine
         metrics = run_dedup(iter(docs), out, cfg)
         results[engine] = (_read_removed(out), [d.id for d in iter_corpus(out)])
         assert metrics["near_duplicates"] == 0
-    assert results["datasketch"] == results["datatrove"]
+    assert results["minhash"] == results["datatrove"]
     planted = {d: o for d, o in truth.exact_duplicates.items() if d in {x.id for x in docs}}
-    assert {i: r["duplicate_of"] for i, r in results["datasketch"][0].items()} == planted
+    assert {i: r["duplicate_of"] for i, r in results["minhash"][0].items()} == planted
 
 
 def test_exact_key_normalisation() -> None:
@@ -194,3 +194,15 @@ def test_config_rules_and_executor_construction(tmp_path: Path) -> None:
     except ImportError:
         pytest.skip("ray is not installed")
     assert [e.world_size for e in executors] == [3, 14, 1, 3]
+
+
+def test_the_engine_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """The default engine is llmctl's own MinHash; the old name `datasketch` (a library it never used)
+    is a config error that says what to write instead, with its file and line."""
+    from conftest import run_cli, write_project
+
+    assert DedupConfig().engine == "minhash"
+    project = write_project(tmp_path / "p", "dedup:\n  engine: datasketch\n")
+    result = run_cli("config", "validate", cwd=project)
+    assert result.code == 2
+    assert "llmctl.yaml:3: dedup.engine:" in result.stderr and "write engine: minhash" in result.stderr

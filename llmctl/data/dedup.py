@@ -23,11 +23,11 @@ Documents with fewer than `n_grams` words have no shingles and are never near du
 
 Engines:
 
-* `datasketch` (default): signatures in worker processes over chunks of documents, which also
+* `minhash` (default): signatures in worker processes over chunks of documents, which also
   serialise each chunk to a scratch file; candidates and clusters in the parent, in input order;
   kept documents are then compressed into shards by the workers. The kept document of a cluster is
-  its first in input order. (Named for the library whose LSH scheme it follows; its own
-  `MinHash.bulk` is ~20x slower, see benchmarks/bench_dedup.py.)
+  its first in input order. It uses no MinHash library: datasketch's `MinHash.bulk` is ~20x
+  slower, see benchmarks/bench_dedup.py.
 * `datatrove`: datatrove's MinhashDedupSignature -> Buckets -> Cluster -> Filter steps, run by its
   Local, Slurm or Ray executor. Exact dedup happens while the input is spilled into task shards, with
   the same semantics as above. datatrove keeps the root of its union-by-size tree, which is not
@@ -122,7 +122,7 @@ def _chunks(documents: Iterable[Document], size: int) -> Iterator[list[tuple[str
 
 
 # ---------------------------------------------------------------------------------------------------
-# datasketch engine: worker side. Module-level functions and state so any start method can pickle them.
+# minhash engine: worker side. Module-level functions and state so any start method can pickle them.
 
 
 @dataclass(frozen=True)
@@ -224,10 +224,10 @@ def _cluster_metrics(cluster_of: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# datasketch engine: parent side.
+# minhash engine: parent side.
 
 
-def _run_datasketch(
+def _run_minhash(
     documents: Iterable[Document], out_dir: Path, cfg: DedupConfig, reporter: Reporter, scratch: Path
 ) -> dict:
     docs_dir = _prepare_out_dir(out_dir)
@@ -552,7 +552,7 @@ def _run_datatrove(
     input_dir.mkdir(parents=True)
 
     # Spill the input into blocks of shard_size documents (one task each), removing exact duplicates
-    # on the way with the same semantics as the datasketch engine.
+    # on the way with the same semantics as the minhash engine.
     ids: list[str] = []
     text_bytes: list[int] = []
     exact_dup_of: dict[int, int] = {}
@@ -586,7 +586,7 @@ def _run_datatrove(
     index = {doc_id: i for i, doc_id in enumerate(ids)}
     if len(index) != n:
         raise InputError(
-            "the datatrove dedup engine needs unique document ids", hint="set dedup.engine=datasketch"
+            "the datatrove dedup engine needs unique document ids", hint="set dedup.engine=minhash"
         )
 
     near_cluster: dict[int, int] = {}  # near-removed index -> datatrove cluster id
@@ -651,8 +651,8 @@ def run_dedup(
     scratch = Path(scratch_dir) if scratch_dir is not None else out_dir / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if cfg.engine == "datasketch":
-        metrics = _run_datasketch(documents, out_dir, cfg, reporter, scratch)
+    if cfg.engine == "minhash":
+        metrics = _run_minhash(documents, out_dir, cfg, reporter, scratch)
     elif cfg.engine == "datatrove":
         metrics = _run_datatrove(documents, out_dir, cfg, reporter, scratch)
     else:
