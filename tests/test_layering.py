@@ -1,4 +1,4 @@
-"""Dependencies point one way (STYLE.md §2): model <- data <- train/evals <- stages <- cli.
+"""Dependencies point one way: model <- data <- train/evals <- stages <- cli.
 
 Checked on the import statements of every module, so a stray import fails here, not in review.
 """

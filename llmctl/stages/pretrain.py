@@ -113,7 +113,7 @@ def run(ctx) -> dict[str, Any]:
             pad_token_id=tok.pad_id,
             generation_config={"eos_token_id": tok.stop_token_ids},
         )
-        # The model folder carries its tokenizer (self-contained artifact, STYLE 11).
+        # The model folder carries its tokenizer: the artifact is self-contained.
         tok.save(out, model_max_length=result.model_config.max_seq_len)
         metrics_path = Path(job.run_dir) / METRICS_FILE
         (out / METRICS_FILE).write_bytes(metrics_path.read_bytes())
