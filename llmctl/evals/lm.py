@@ -79,12 +79,16 @@ class EvalLM:
         *,
         bos_id: int | None,
         eos_id: int | None,
+        stop_ids: tuple[int, ...] | None = None,  # default: EOS; from a folder: its loader's decision
         name: str = "model",
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.bos_id = bos_id
         self.eos_id = eos_id
+        self.stop_ids = (
+            tuple(stop_ids) if stop_ids is not None else tuple(t for t in (eos_id,) if t is not None)
+        )
         self.name = name
         self.max_length = model.config.max_seq_len
         prefix = bos_id if bos_id is not None else eos_id
@@ -102,7 +106,14 @@ class EvalLM:
         folder = Path(folder)
         tok = load_folder_tokenizer(folder)
         model, _ = load_model_folder(folder, device=device, dtype=dtype)
-        return cls(model, tok.tokenizer, bos_id=tok.bos_id, eos_id=tok.eos_id, name=str(folder))
+        return cls(
+            model,
+            tok.tokenizer,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+            stop_ids=tok.stop_ids,
+            name=str(folder),
+        )
 
     # -- tokenization ----------------------------------------------------------------------------
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -284,9 +295,11 @@ class EvalLM:
                 hint="lower eval.max_gen_tokens",
             )
         engine = Engine(self.model, decode=self.decode)
-        stop_ids = tuple(t for t in (self.eos_id,) if t is not None)
         params = SamplingParams(
-            max_new_tokens=max_gen_tokens, temperature=0.0, stop_token_ids=stop_ids, stop_strings=tuple(until)
+            max_new_tokens=max_gen_tokens,
+            temperature=0.0,
+            stop_token_ids=self.stop_ids,
+            stop_strings=tuple(until),
         )
         keep = self.max_length - max_gen_tokens
         encoded = [self.encode(p)[-keep:] for p in prompts]

@@ -142,7 +142,12 @@ def _compile(template: str):
 
 @dataclass
 class FolderTokenizer:
-    """A model folder's `tokenizers.Tokenizer` with its special tokens and chat template."""
+    """A model folder's `tokenizers.Tokenizer` with its special tokens and chat template.
+
+    The folder's BOS, EOS and stop ids are decided here, once, for every consumer (generate, chat,
+    eval): `bos_id`/`eos_id` from config.json (what the model was trained with), else the token
+    texts; `stop_ids` is EOS plus every id generation_config.json lists as `eos_token_id` plus the
+    end-of-turn/end-of-text tokens the vocabulary has; `prompt_bos` is the BOS a prompt starts with."""
 
     tokenizer: Any  # tokenizers.Tokenizer
     folder: Path
@@ -151,6 +156,12 @@ class FolderTokenizer:
     eos_id: int | None = None
     chat_template: str | None = None
     add_bos: bool = False  # llmctl-trained models saw BOS before every document; others say so in config
+    stop_ids: tuple[int, ...] = ()
+
+    @property
+    def prompt_bos(self) -> int | None:
+        """The id a prompt starts with: BOS when the model expects it, else none."""
+        return self.bos_id if self.add_bos else None
 
     @property
     def bos_token(self) -> str | None:
@@ -163,12 +174,10 @@ class FolderTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as a prompt: BOS first when the model expects it, no other specials."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        bos = self.tokenizer.token_to_id(self.bos_token) if self.bos_token and self.add_bos else None
-        return ([bos] if bos is not None else []) + ids
+        return ([self.prompt_bos] if self.prompt_bos is not None else []) + ids
 
     def stop_token_ids(self) -> tuple[int, ...]:
-        ids = {self.tokenizer.token_to_id(t) for t in (self.eos_token, "<|im_end|>", "<|endoftext|>") if t}
-        return tuple(sorted(i for i in ids if i is not None))
+        return self.stop_ids
 
     def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """The chat template applied to `messages` (by default ending with the assistant's turn opened)."""
@@ -223,12 +232,19 @@ def load_folder_tokenizer(folder: str | Path) -> FolderTokenizer:
         text = specials.get(f"{role}_token")
         return tokenizer.token_to_id(text) if text else None
 
+    eos_id = special_id("eos")
+    listed = _read_json(folder / "generation_config.json").get("eos_token_id")
+    stops = {eos_id, *(listed if isinstance(listed, list) else [listed])}
+    stops |= {
+        tokenizer.token_to_id(t) for t in (specials.get("eos_token"), "<|im_end|>", "<|endoftext|>") if t
+    }
     return FolderTokenizer(
         tokenizer=tokenizer,
         folder=folder,
         special_tokens=specials,
         bos_id=special_id("bos"),
-        eos_id=special_id("eos"),
+        eos_id=eos_id,
+        stop_ids=tuple(sorted(i for i in stops if isinstance(i, int))),
         chat_template=default_chat_template(chat_templates(folder, tok_config)),
         add_bos=(folder / LLMCTL_TOKENIZER_META).is_file() or bool(tok_config.get("add_bos_token", False)),
     )
