@@ -10,8 +10,10 @@ Adding a stage touches four things, and nothing else:
   2. its stage module: `run(ctx)` reading `ctx.inputs`, writing `ctx.output_dir`, returning metrics;
   3. its registry entry: `register(Stage(...))` in `llmctl/stages/__init__.py` (pipeline order);
   4. a thin CLI command, named in the entry's `command` (`module:function`); without one, the stage
-     gets a generic command (one `--SLOT` option per input, `--force`, `--set`, `--json`).
-`llmctl run`, `run --from/--until` and their completions list every pipeline stage from here.
+     gets a generic command (one `--SLOT` option per input, `--force`, `--set`, `--json`). Both are
+     registered by `llmctl.cli.stage_commands` (the original stages' commands, registered by their
+     CLI modules before it, are left as they are).
+`llmctl run`, `run --from/--until`, command completion and the schema list every stage from here.
 Stages from other distributions register the same way from a module named by an entry point in the
 `llmctl.stages` group; it is imported after the built-in stages, so its stages come last.
 
