@@ -91,8 +91,6 @@ def test_a_kill_inside_publish_leaves_nothing_that_resolves_and_the_next_run_pub
     assert proc.returncode == -signal.SIGKILL  # killed at the fault point, not finished
 
     ws = workspace_for(config, folder)
-    [run] = ws.runs()
-    assert (run.output_dir / MANIFEST_FILE).is_file() and (run.output_dir / "out.txt").is_file()
     assert ws.artifacts() == [] and ws.corrupt() == []
     for ref in ("echo:latest", "echo:v1", "latest"):
         with pytest.raises(InputError):
@@ -100,6 +98,8 @@ def test_a_kill_inside_publish_leaves_nothing_that_resolves_and_the_next_run_pub
     listing = run_cli("artifacts", "ls", "--json", cwd=folder).json()
     assert listing["artifacts"] == [] and listing["corrupt"] == []
     assert [(r["stage"], r["status"]) for r in listing["runs"]] == [("echo", "incomplete")]
+    [run] = ws.runs()  # killed late: with its files and manifest written
+    assert (run.output_dir / MANIFEST_FILE).is_file() and (run.output_dir / "out.txt").is_file()
 
     again = run_stage("echo", config, folder, options={"text": "a"})
     assert not again.reused and again.artifact.id == "echo:v0002"  # v0001 was allocated: never reused
@@ -216,7 +216,7 @@ def _val_tokens(tokens_dir: Path) -> np.ndarray:
 def _by_hand(model, tokens: np.ndarray, seq_len: int, windows: int, token_bytes: list[int]) -> dict:
     """Mean nats/token over the first `windows` sequential windows, and bits per byte over the
     tokens that stand for text: a plain log-softmax, one window at a time."""
-    nats, n, text_nats, text_bytes = 0.0, 0, 0.0, 0
+    nats, n, text_nats, text_bytes, specials = 0.0, 0, 0.0, 0, 0
     with torch.no_grad():
         for w in range(windows):
             chunk = torch.from_numpy(tokens[w * seq_len : (w + 1) * seq_len + 1])
@@ -227,6 +227,9 @@ def _by_hand(model, tokens: np.ndarray, seq_len: int, windows: int, token_bytes:
                 nats, n = nats + loss, n + 1
                 if token_bytes[target]:
                     text_nats, text_bytes = text_nats + loss, text_bytes + token_bytes[target]
+                else:
+                    specials += 1
+    assert specials > 0, "the windows should include a special token (BOS) as a target"
     return {"loss": nats / n, "bpb": text_nats / (math.log(2) * text_bytes), "tokens": n}
 
 
@@ -241,11 +244,11 @@ def _token_bytes(tokens_dir: Path) -> list[int]:
 def test_pretrain_val_loss_and_bits_per_byte_equal_a_hand_computation(tmp_path, tokens_dir):
     from llmctl.model.transformer import Transformer
 
-    cfg = small_config(max_steps=1, eval_batches=2)
+    cfg = small_config(max_steps=1, eval_batches=10)  # 40 windows of 32: past the second document's BOS
     result = train_direct(cfg, tokens_dir, tmp_path / "run")
     model = Transformer(result.model_config)
     model.load_state_dict(result.model_state)
-    windows = 2 * cfg.micro_batch_size  # eval_batches batches of micro_batch_size sequential windows
+    windows = cfg.eval_batches * cfg.micro_batch_size  # batches of micro_batch_size sequential windows
     hand = _by_hand(model.eval(), _val_tokens(tokens_dir), cfg.seq_len, windows, _token_bytes(tokens_dir))
     assert result.metrics["val_loss"] == pytest.approx(hand["loss"], rel=1e-5)
     assert result.metrics["val_bpb"] == pytest.approx(hand["bpb"], rel=1e-5)
@@ -261,9 +264,9 @@ def test_eval_perplexity_and_bits_per_byte_equal_a_hand_computation(tokens_dir):
     torch.manual_seed(5)
     model = Transformer(preset("test-1m", vocab_size=512, n_layer=1, n_embd=64, max_seq_len=32))
     lm = EvalLM(model, None, bos_id=0, eos_id=None, name="tiny")
-    got = perplexity_on_tokens(lm, tokens_dir, batch_size=4, limit=2, reporter=Reporter())
-    hand = _by_hand(model, _val_tokens(tokens_dir), 32, 8, _token_bytes(tokens_dir))
-    assert got["tokens"] == hand["tokens"] == 8 * 32
+    got = perplexity_on_tokens(lm, tokens_dir, batch_size=8, limit=5, reporter=Reporter())
+    hand = _by_hand(model, _val_tokens(tokens_dir), 32, 40, _token_bytes(tokens_dir))
+    assert got["tokens"] == hand["tokens"] == 40 * 32
     assert got["loss"] == pytest.approx(hand["loss"], rel=1e-6)
     assert got["ppl"] == pytest.approx(math.exp(hand["loss"]), rel=1e-6)
     assert got["bits_per_byte"] == pytest.approx(hand["bpb"], rel=1e-6)
