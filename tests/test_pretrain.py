@@ -236,17 +236,59 @@ class _SlowReporter(Reporter):
         return _SlowProgress()
 
 
-def resume_config() -> PretrainConfig:
-    return small_config(max_steps=12, checkpoint_every=4, keep_checkpoints=2, eval_every=6)
+def resume_config(**overrides: Any) -> PretrainConfig:
+    return small_config(
+        **{"max_steps": 12, "checkpoint_every": 4, "keep_checkpoints": 2, "eval_every": 6, **overrides}
+    )
 
 
-def _child_train(project_dir: str, tokens: str) -> None:
-    """Run in a subprocess by the resume test: the same project, slowed down, to be SIGKILLed."""
-    project, pdir = Project(pretrain=resume_config()), Path(project_dir)
+def _child_train(project_dir: str, tokens: str, slow: bool = True, keep: int = 2) -> None:
+    """Run in a subprocess by the resume tests: the same project (slowed down), to be SIGKILLed."""
+    project, pdir = Project(pretrain=resume_config(keep_checkpoints=keep)), Path(project_dir)
     install_stages()
     from llmctl.stages.runner import run_stage
 
-    run_stage("pretrain", project, pdir, refs={"data": "toy_tokens:latest"}, reporter=_SlowReporter())
+    reporter = _SlowReporter() if slow else Reporter()
+    run_stage("pretrain", project, pdir, refs={"data": "toy_tokens:latest"}, reporter=reporter)
+
+
+class _ResumeLog(Reporter):
+    """What a (resumed) process itself reports: its log lines, warnings and the steps it ran."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+        self.steps: list[int] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def progress(self, description, total=None, unit="it", completed=0):
+        steps = self.steps
+
+        class Task(ProgressTask):
+            def update(self, completed=None, total=None, **fields):
+                steps.append(completed)
+
+        return Task()
+
+
+def assert_resumed_at(record: _ResumeLog, step: int, max_steps: int) -> None:
+    """The process started from checkpoint `step` and ran only the steps after it."""
+    assert f"pretrain: resumed from step_{step:06d}" in " ".join(record.lines), record.lines
+    assert record.steps == list(range(step + 1, max_steps + 1)), record.steps
+    assert not record.warnings, record.warnings
+
+
+def _child_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 @pytest.mark.slow
@@ -256,13 +298,8 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, tokens_dir):
     reference = run_pretrain(ref_project, ref_dir).artifact
 
     project, project_dir = project_with(tmp_path, tokens_dir, cfg, name="killed")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-    }
     code = f"import test_pretrain as t; t._child_train({str(project_dir)!r}, {str(tokens_dir)!r})"
-    child = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", code], env=_child_env(), stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         ckpt = None
@@ -282,8 +319,11 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, tokens_dir):
     assert not (run_dir / "output" / "model.safetensors").exists()
     killed_at = max(step for step, _ in losses(run_dir / "metrics.jsonl"))
     assert 4 <= killed_at < 12
+    newest = max(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*"))
 
-    resumed = run_pretrain(project, project_dir, resume=True).artifact
+    record = _ResumeLog()
+    resumed = run_pretrain(project, project_dir, resume=True, reporter=record).artifact
+    assert_resumed_at(record, newest, cfg.max_steps)
     assert losses(resumed.path / "metrics.jsonl") == losses(reference.path / "metrics.jsonl")
 
     def val(a):
@@ -295,6 +335,33 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, tokens_dir):
     assert a == (reference.path / "model.safetensors").read_bytes()
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert kept == ["step_000004", "step_000008"], kept
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_usable(tmp_path, tokens_dir):
+    """The child is SIGKILLed inside its second checkpoint save (step 8; weights written, optimizer
+    not yet; llmctl.faults), keeping one checkpoint: step 4 must still be there, and resume from it."""
+    from llmctl.faults import FAULT_ENV
+
+    cfg = resume_config(keep_checkpoints=1)
+    ref_project, ref_dir = project_with(tmp_path, tokens_dir, cfg, name="reference")
+    reference = run_pretrain(ref_project, ref_dir).artifact
+
+    project, project_dir = project_with(tmp_path, tokens_dir, cfg, name="killed")
+    code = f"import test_pretrain as t; t._child_train({str(project_dir)!r}, {str(tokens_dir)!r}, False, 1)"
+    env = {**_child_env(), FAULT_ENV: "checkpoint-save@2"}
+    child = subprocess.run([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+    [ckpts] = list(project_dir.rglob("checkpoints"))
+    assert (ckpts / ".step_000008.tmp").is_dir()  # killed mid-save
+    assert [p.name for p in ckpts.glob("step_*")] == ["step_000004"]
+
+    record = _ResumeLog()
+    resumed = run_pretrain(project, project_dir, resume=True, reporter=record).artifact
+    assert_resumed_at(record, 4, cfg.max_steps)
+    assert losses(resumed.path / "metrics.jsonl") == losses(reference.path / "metrics.jsonl")
+    a = (resumed.path / "model.safetensors").read_bytes()
+    assert a == (reference.path / "model.safetensors").read_bytes()
 
 
 def test_checkpoint_roundtrip_and_pruning(tmp_path):
@@ -556,8 +623,12 @@ def test_interrupt_saves_checkpoint_and_resume_is_exact(tmp_path, fixed_tokens_d
     with pytest.raises(Interrupted):
         run_pretrain(project, project_dir, reporter=_InterruptAt(5))
     assert [p.name for p in project_dir.rglob("checkpoints/step_*")] == ["step_000005"]
-    resumed = run_pretrain(project, project_dir, resume=True).artifact
+    record = _ResumeLog()
+    resumed = run_pretrain(project, project_dir, resume=True, reporter=record).artifact
+    assert_resumed_at(record, 5, cfg.max_steps)
     assert losses(resumed.path / "metrics.jsonl") == losses(reference.path / "metrics.jsonl")
+    a = (resumed.path / "model.safetensors").read_bytes()
+    assert a == (reference.path / "model.safetensors").read_bytes()
 
 
 def test_tensorboard_enabled_but_missing_is_a_config_error(tmp_path, fixed_tokens_dir):
