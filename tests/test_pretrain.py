@@ -353,7 +353,6 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_usable(t
     child = subprocess.run([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
     [ckpts] = list(project_dir.rglob("checkpoints"))
-    assert (ckpts / ".step_000008.tmp").is_dir()  # killed mid-save
     assert [p.name for p in ckpts.glob("step_*")] == ["step_000004"]
 
     record = _ResumeLog()
