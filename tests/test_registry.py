@@ -128,6 +128,7 @@ def _model_used(result) -> str:
     return next(line for line in result.stderr.splitlines() if line.startswith("model: ")).split()[1]
 
 
+@pytest.mark.slow  # nine CLI processes, about a minute on two busy cores
 def test_the_newest_model_is_the_last_training_stage_in_pipeline_order(tmp_path, plugin_path, hf_folder):
     project = write_project(tmp_path / "p")
     assert _cli(plugin_path, "import", str(hf_folder), cwd=project).code == 0
