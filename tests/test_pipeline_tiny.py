@@ -56,3 +56,15 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
         gen = run_cli("generate", prompt, "--ckpt", "pretrain:latest", "-n", "8", "--json", cwd=project)
         assert gen.code == 0, gen.stderr
         assert answers.pop() in gen.json()["text"], (prompt, gen.json()["text"])
+
+    # The same model at step 0: same seed, shape and data, one step at an lr that leaves the init
+    # weights as they were (updates of ~1e-12). Training, not the eval's scoring, made the difference.
+    step0 = ["--set", "pretrain.max_steps=1", "--set", "pretrain.optimizer.lr=1e-12"]
+    init = run_cli("run", "--json", *step0, "--set", "pretrain.eval_every=0", cwd=project, timeout=300)
+    assert init.code == 0, init.stderr[-3000:]
+    init_stages = {row["stage"]: row for row in init.json()["stages"]}
+    assert init_stages["pretrain"]["artifact"] == "pretrain:v0002"
+    untrained = init_stages["eval"]["metrics"]
+    assert untrained["world_mc/acc"] < scores["world_mc/acc"] - 0.1, (untrained, scores)
+    assert untrained["perplexity/loss"] > scores["perplexity/loss"] + 1.0, (untrained, scores)
+    assert init_stages["pretrain"]["metrics"]["val_loss"] > pretrain["val_loss"] + 1.0
