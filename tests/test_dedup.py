@@ -196,13 +196,21 @@ def test_config_rules_and_executor_construction(tmp_path: Path) -> None:
     assert [e.world_size for e in executors] == [3, 14, 1, 3]
 
 
-def test_the_engine_is_named_for_what_it_is(tmp_path: Path) -> None:
-    """The default engine is llmctl's own MinHash; the old name `datasketch` (a library it never used)
-    is a config error that says what to write instead, with its file and line."""
-    from conftest import run_cli, write_project
-
+def test_datasketch_engine_is_datasketch_and_finds_planted_duplicates(corpus, tmp_path: Path) -> None:
+    """The default engine is llmctl's own MinHash (`minhash`); `datasketch` runs the datasketch
+    library's MinHash and MinHashLSH index, with the same outputs and the same quality."""
     assert DedupConfig().engine == "minhash"
-    project = write_project(tmp_path / "p", "dedup:\n  engine: datasketch\n")
-    result = run_cli("config", "validate", cwd=project)
-    assert result.code == 2
-    assert "llmctl.yaml:3: dedup.engine:" in result.stderr and "write engine: minhash" in result.stderr
+    docs, truth = corpus
+    cfg = DedupConfig(engine="datasketch", shard_size=1000)
+    metrics = run_dedup(iter(docs), tmp_path / "out", cfg, scratch_dir=tmp_path / "scratch")
+    assert metrics["engine"] == "datasketch"
+    _check_against_truth(docs, truth, tmp_path / "out", metrics)
+    assert metrics["shards"] == -(-metrics["documents_out"] // 1000)
+    assert not any((tmp_path / "scratch").iterdir())  # scratch cleaned up
+
+    exact_only = {}
+    for engine in ("minhash", "datasketch"):
+        out = tmp_path / f"exact-{engine}"
+        run_dedup(iter(docs[:600]), out, DedupConfig(engine=engine, near=False, workers=1))
+        exact_only[engine] = (_read_removed(out), [d.id for d in iter_corpus(out)])
+    assert exact_only["datasketch"] == exact_only["minhash"]

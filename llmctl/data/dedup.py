@@ -28,6 +28,10 @@ Engines:
   kept documents are then compressed into shards by the workers. The kept document of a cluster is
   its first in input order. It uses no MinHash library: datasketch's `MinHash.bulk` is ~20x
   slower, see benchmarks/bench_dedup.py.
+* `datasketch`: the datasketch library's own `MinHash` (SHA-1 per shingle, `update_batch`) and
+  `MinHashLSH` index with the same bands x rows, in one process: the library's reference
+  implementation of the same scheme, for small corpora and to check `minhash` against. The same
+  exact pass, clusters, kept documents and outputs as `minhash`.
 * `datatrove`: datatrove's MinhashDedupSignature -> Buckets -> Cluster -> Filter steps, run by its
   Local, Slurm or Ray executor. Exact dedup happens while the input is spilled into task shards, with
   the same semantics as above. datatrove keeps the root of its union-by-size tree, which is not
@@ -69,7 +73,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from llmctl.config.dedup import DedupConfig
 from llmctl.data.corpus import DOCUMENTS_DIR, SHARD_SUFFIX, record_to_json, shard_name
-from llmctl.data.minhash import MinHasher
+from llmctl.data.minhash import MinHasher, simplify_words
 from llmctl.data.workers import worker_pool
 from llmctl.errors import InputError
 from llmctl.reporting import Reporter
@@ -371,6 +375,81 @@ def _write_removed(
 
 
 # ---------------------------------------------------------------------------------------------------
+# datasketch engine: datasketch's MinHash and MinHashLSH index, in one process.
+
+
+def _run_datasketch(
+    documents: Iterable[Document], out_dir: Path, cfg: DedupConfig, reporter: Reporter, scratch: Path
+) -> dict:
+    from datasketch import MinHash, MinHashLSH
+
+    docs_dir = _prepare_out_dir(out_dir)
+    num_perm = cfg.bands * cfg.rows
+    lsh = MinHashLSH(num_perm=num_perm, params=(cfg.bands, cfg.rows)) if cfg.near else None
+    spill = scratch / "datasketch-documents.jsonl"  # kept documents are known only after the last one
+    ids: list[str] = []
+    text_bytes: list[int] = []
+    exact_dup_of: dict[int, int] = {}
+    first_by_key: dict[bytes, int] = {}
+    clusters = _Clusters()
+    no_shingles = 0
+    with open(spill, "wb") as f, reporter.progress("dedup: signatures", unit="docs") as bar:
+        for doc in documents:
+            i = clusters.add()
+            f.write(record_to_json(doc.text, doc.id, doc.metadata))
+            ids.append(doc.id)
+            text_bytes.append(len(doc.text.encode()))
+            bar.advance(1)
+            if cfg.exact:
+                first = first_by_key.setdefault(exact_key(doc.text), i)
+                if first != i:
+                    exact_dup_of[i] = first
+                    continue
+            if lsh is None:
+                continue
+            words = simplify_words(doc.text)
+            shingles = [b" ".join(words[k : k + cfg.n_grams]) for k in range(len(words) - cfg.n_grams + 1)]
+            if not shingles:
+                no_shingles += 1
+                continue
+            signature = MinHash(num_perm=num_perm, seed=cfg.seed)
+            signature.update_batch(shingles)
+            for other in lsh.query(signature):  # earlier documents sharing a band
+                clusters.union(i, other)
+            lsh.insert(i, signature, check_duplication=False)
+
+    n = len(ids)
+    roots = clusters.roots()
+    cluster_of = roots.copy()
+    exact_removed = np.zeros(n, dtype=bool)
+    for i, first in exact_dup_of.items():
+        exact_removed[i] = True
+        cluster_of[i] = roots[first]
+    keep = ~exact_removed & (roots == np.arange(n))
+    shards = compressed = 0
+    with open(spill, "rb") as f:
+        kept_lines = (line for line, kept in zip(f, keep.tolist(), strict=True) if kept)
+        while batch := list(itertools.islice(kept_lines, cfg.shard_size)):
+            compressed += _write_gzip(docs_dir / shard_name(shards), batch)
+            shards += 1
+    spill.unlink()
+    near_removed = ~keep & ~exact_removed
+    _write_removed(out_dir, ids, exact_removed, near_removed, cluster_of)
+    return {
+        **_outcome_metrics(
+            np.array(text_bytes, dtype=np.int64),
+            keep,
+            exact_removed,
+            near_removed,
+            cluster_of,
+            shards,
+            compressed,
+        ),
+        "no_shingle_docs": no_shingles,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
 # datatrove engine: datatrove's four MinHash steps, run by its Local, Slurm or Ray executor.
 
 
@@ -653,6 +732,8 @@ def run_dedup(
     t0 = time.perf_counter()
     if cfg.engine == "minhash":
         metrics = _run_minhash(documents, out_dir, cfg, reporter, scratch)
+    elif cfg.engine == "datasketch":
+        metrics = _run_datasketch(documents, out_dir, cfg, reporter, scratch)
     elif cfg.engine == "datatrove":
         metrics = _run_datatrove(documents, out_dir, cfg, reporter, scratch)
     else:
