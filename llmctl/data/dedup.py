@@ -745,7 +745,7 @@ def run_dedup(
         "engine": cfg.engine,
         **metrics,
         "threshold": round(cfg.threshold, 4),
-        "workers": cfg.local_workers,
+        "workers": 1 if cfg.engine == "datasketch" else cfg.local_workers,  # datasketch: one process
         "elapsed_seconds": round(elapsed, 3),
         "documents_per_second": round(metrics["documents_in"] / elapsed, 1) if elapsed > 0 else 0.0,
     }
