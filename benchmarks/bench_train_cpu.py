@@ -188,7 +188,11 @@ def main() -> None:
         print(res["config"])
         print(f"  params   nanoGPT {res['ref_params']:>10,}   llmctl {res['our_params']:>10,}")
         print(f"  tok/s    nanoGPT {res['ref_tok_s']:>10,.0f}   llmctl {res['our_tok_s']:>10,.0f}")
-        print(f"  ratio    {res['ratio']:.2f}x (median of {args.rounds} alternating rounds: {res['rounds']})")
+        per_round = [o / r for r, o in res["rounds"]]
+        print(
+            f"  ratio    {res['ratio']:.2f}x (median of {args.rounds} alternating rounds; per round "
+            f"{min(per_round):.2f}-{max(per_round):.2f}x: {res['rounds']})"
+        )
 
 
 if __name__ == "__main__":
