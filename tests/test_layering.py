@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llmctl"
-LEAVES = {"llmctl", "llmctl.errors", "llmctl.reporting", "llmctl.threads"}
+LEAVES = {"llmctl", "llmctl.errors", "llmctl.reporting", "llmctl.threads", "llmctl.faults"}
 
 # For each area, the llmctl areas it may import (besides the leaves).
 ALLOWED = {
