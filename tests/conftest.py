@@ -74,3 +74,22 @@ def corpus_project(tmp_path, small_corpus) -> Path:
         tmp_path / "proj",
         f"data:\n  sources:\n    - path: {small_corpus / 'docs.jsonl'}\n",
     )
+
+
+def write_random_model_folder(folder):
+    """A plain HF-Llama folder (no manifest): random test-1m weights + a BPE trained on synthetic text."""
+    import torch
+
+    from llmctl.data.synthetic import iter_documents
+    from llmctl.data.tokenizer import train_tokenizer
+    from llmctl.model.checkpoint import save_model_folder
+    from llmctl.model.config import preset
+    from llmctl.model.transformer import Transformer
+
+    tok = train_tokenizer((d["text"] for d in iter_documents(200, seed=1)), vocab_size=512)
+    torch.manual_seed(0)
+    model = Transformer(preset("test-1m", vocab_size=tok.vocab_size))
+    model.init_weights()
+    save_model_folder(model, folder, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    tok.save(folder, model_max_length=model.config.max_seq_len)
+    return folder

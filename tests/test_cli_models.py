@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli, write_project
+from conftest import run_cli, write_project, write_random_model_folder
 
-from llmctl.data.synthetic import iter_documents
-from llmctl.data.tokenizer import train_tokenizer
 from llmctl.model.checkpoint import save_model_folder
 from llmctl.model.config import preset
 from llmctl.model.transformer import Transformer
@@ -15,15 +13,7 @@ from llmctl.model.transformer import Transformer
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    """A plain HF-Llama folder (no manifest): random test-1m weights + a BPE trained on synthetic text."""
-    folder = tmp_path_factory.mktemp("hf-model")
-    tok = train_tokenizer((d["text"] for d in iter_documents(200, seed=1)), vocab_size=512)
-    torch.manual_seed(0)
-    model = Transformer(preset("test-1m", vocab_size=tok.vocab_size))
-    model.init_weights()
-    save_model_folder(model, folder, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    tok.save(folder, model_max_length=model.config.max_seq_len)
-    return folder
+    return write_random_model_folder(tmp_path_factory.mktemp("hf-model"))
 
 
 def test_import_generate_eval(tmp_path, hf_folder):

@@ -6,28 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from conftest import write_random_model_folder
 
-from llmctl.data.synthetic import iter_documents
-from llmctl.data.tokenizer import train_tokenizer
 from llmctl.evals.lm import EvalLM
 from llmctl.inference import load_model
-from llmctl.model.checkpoint import save_model_folder
-from llmctl.model.config import preset
 from llmctl.model.hf_tokenizer import load_folder_tokenizer
-from llmctl.model.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tok = train_tokenizer((d["text"] for d in iter_documents(200, seed=1)), vocab_size=512)
-    torch.manual_seed(0)
-    model = Transformer(preset("test-1m", vocab_size=tok.vocab_size))
-    model.init_weights()
-    save_model_folder(model, folder, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    tok.save(folder, model_max_length=model.config.max_seq_len)
-    return folder
+    return write_random_model_folder(tmp_path_factory.mktemp("model"))
 
 
 def test_generate_chat_and_eval_stop_on_the_same_ids(folder):

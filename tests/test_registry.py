@@ -13,8 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import cli_env, run_cli, write_project
+from conftest import cli_env, run_cli, write_project, write_random_model_folder
 
 PLUGIN = '''
 """Two toy stages: `toy` writes a greeting from its own llmctl.yaml section; `toytrain` is a model
@@ -107,20 +106,7 @@ def test_a_plugin_stage_gets_command_schema_run_and_completion(tmp_path, plugin_
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    from llmctl.data.synthetic import iter_documents
-    from llmctl.data.tokenizer import train_tokenizer
-    from llmctl.model.checkpoint import save_model_folder
-    from llmctl.model.config import preset
-    from llmctl.model.transformer import Transformer
-
-    folder = tmp_path_factory.mktemp("hf-model")
-    tok = train_tokenizer((d["text"] for d in iter_documents(200, seed=1)), vocab_size=512)
-    torch.manual_seed(0)
-    model = Transformer(preset("test-1m", vocab_size=tok.vocab_size))
-    model.init_weights()
-    save_model_folder(model, folder, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    tok.save(folder, model_max_length=model.config.max_seq_len)
-    return folder
+    return write_random_model_folder(tmp_path_factory.mktemp("hf-model"))
 
 
 def _model_used(result) -> str:
