@@ -195,9 +195,14 @@ def eval_(
 
         config, folder = state.load_project(sets)
         # Say which model `latest` (or any reference) is, and evaluate exactly that one.
-        ref = ckpt or config.eval.model or "latest"
+        if ckpt:
+            ref, source = ckpt, f"--ckpt {ckpt}"
+        elif config.eval.model:
+            ref, source = config.eval.model, f"eval.model: {config.eval.model}"
+        else:
+            ref, source = "latest", "newest model"
         model = workspace_for(config, folder).resolve(ref, kinds=("model",))
-        out.reporter().log(f"model: {model.id}" + ("" if ref == model.id else f" ({ref})"))
+        out.reporter().log(f"model: {model.id} ({source})")
         outcome = run_stage(
             "eval",
             config,
