@@ -81,9 +81,9 @@ class TrainResult:
 
 
 def run(ctx) -> dict[str, Any]:
-    """Stage entry point (rank 0 only; other ranks use `run_worker`)."""
+    """Stage entry point, on every rank of a torchrun job (the stage runner starts the process group
+    and gives ranks > 0 the same inputs and run folder); only rank 0 writes the artifact."""
     info = D.init_distributed(device=ctx.config.device)
-    assert info.is_main, f"rank {info.rank} must call run_worker, not the stage runner"
     data = ctx.inputs.get("data")
     if data is None:
         raise InputError(
@@ -97,41 +97,33 @@ def run(ctx) -> dict[str, Any]:
         resumed=ctx.resumed,
         project=str(getattr(ctx.project, "name", "llmctl")),
     )
-    D.broadcast_object(job)
     ctx.device = info.device
-    try:
-        result = train(ctx.config, job, info, ctx.reporter, note=ctx.note)
-        out = ctx.output_dir
-        tok = result.tokenizer
-        save_state_dict_folder(
-            result.model_state,
-            result.model_config,
-            out,
-            dtype=torch.float32,
-            bos_token_id=tok.bos_id,
-            eos_token_id=tok.eos_id,
-            pad_token_id=tok.pad_id,
-            generation_config={"eos_token_id": tok.stop_token_ids},
-        )
-        # The model folder carries its tokenizer: the artifact is self-contained.
-        tok.save(out, model_max_length=result.model_config.max_seq_len)
-        metrics_path = Path(job.run_dir) / METRICS_FILE
-        (out / METRICS_FILE).write_bytes(metrics_path.read_bytes())
-        plot_losses(metrics_path, out / LOSS_PLOT, title=f"pretrain {job.project}")
-        return result.metrics
-    finally:
-        D.shutdown()
+    result = train(ctx.config, job, info, ctx.reporter, note=ctx.note)
+    if not info.is_main:
+        return {}
+    out = ctx.output_dir
+    tok = result.tokenizer
+    save_state_dict_folder(
+        result.model_state,
+        result.model_config,
+        out,
+        dtype=torch.float32,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        generation_config={"eos_token_id": tok.stop_token_ids},
+    )
+    # The model folder carries its tokenizer: the artifact is self-contained.
+    tok.save(out, model_max_length=result.model_config.max_seq_len)
+    metrics_path = Path(job.run_dir) / METRICS_FILE
+    (out / METRICS_FILE).write_bytes(metrics_path.read_bytes())
+    plot_losses(metrics_path, out / LOSS_PLOT, title=f"pretrain {job.project}")
+    return result.metrics
 
 
-def run_worker(config: PretrainConfig, reporter: Reporter | None = None) -> None:
-    """The training loop on a rank > 0 under torchrun: receive the Job from rank 0, train, publish nothing."""
-    info = D.init_distributed(device=config.device)
-    assert not info.is_main, "rank 0 runs the stage through the runner (llmctl.stages.runner.run_stage)"
-    job = D.broadcast_object(None)
-    try:
-        train(config, job, info, reporter or Reporter())
-    finally:
-        D.shutdown()
+def preflight(cfg: PretrainConfig, world_size: int) -> None:
+    """Checks that need only the config and the process count: run once before any process starts."""
+    grad_accum_steps(cfg, world_size)
 
 
 # ---- setup helpers -------------------------------------------------------------------------------
