@@ -104,6 +104,12 @@ def init_project(dest: Path, template_name: str = "tiny", name: str | None = Non
             generate_corpus(
                 staging / "data", n_docs=int(synthetic["docs"]), seed=int(synthetic.get("seed", 0))
             )
+            if synthetic.get("conversations"):  # chat data about the same world, for sft
+                from llmctl.data.synthetic_chat import generate_chat
+
+                generate_chat(
+                    staging / "data", int(synthetic["conversations"]), seed=int(synthetic.get("seed", 0))
+                )
             made["files"] += sorted(f"data/{p.name}" for p in (staging / "data").iterdir())
         if dest.exists():
             dest.rmdir()
