@@ -2,7 +2,9 @@
 or a generic one built from the entry itself.
 
 The generic command takes one `--SLOT` option per input (an artifact reference; default: what the
-registry's rule picks), `--force`, `--set` and `--json`, and runs the stage like any other.
+registry's rule picks), `--force`, `--set` and `--json`, and runs the stage like any other; a
+distributed stage's also takes `--gpus`, `--nodes`, `--node-rank`, `--master-addr`, `--master-port`
+and `--device` (see llmctl/stages/launch.py).
 """
 
 from __future__ import annotations
@@ -14,17 +16,28 @@ import typer
 
 from llmctl.cli.completion import complete_refs
 from llmctl.cli.options import ForceOption, JsonOption, SetOption
-from llmctl.cli.stages import run_stage_command
+from llmctl.cli.stages import device_option, launch_options, run_stage_command
 
 
 def generic_command(stage: Any) -> Any:
     """A typer command for `stage`: run it (or reuse its up-to-date artifact) and print the outcome."""
     slots = [slot.name for slot in stage.inputs]
+    # A distributed stage's section (its first) holds `device`: --device sets it.
+    launch_flags = (
+        [*launch_options(), ("device", device_option(stage.sections[0]), None)] if stage.distributed else []
+    )
 
     def command(ctx: typer.Context, **params: Any) -> None:
         refs = {slot: params.get(slot.replace("-", "_")) for slot in slots}
+        launch = {name: params[name] for name, _, _ in launch_flags} if launch_flags else None
         run_stage_command(
-            ctx, stage.name, sets=params["sets"], force=params["force"], json_=params["json_"], refs=refs
+            ctx,
+            stage.name,
+            sets=params["sets"],
+            force=params["force"],
+            json_=params["json_"],
+            refs=refs,
+            launch=launch,
         )
 
     parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
@@ -43,6 +56,7 @@ def generic_command(stage: Any) -> Any:
             )
         )
     for name, annotation, default in (
+        *launch_flags,
         ("force", ForceOption, False),
         ("sets", SetOption, None),
         ("json_", JsonOption, False),
@@ -51,7 +65,10 @@ def generic_command(stage: Any) -> Any:
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
         )
     command.__signature__ = inspect.Signature(parameters)  # what typer reads for the options
-    command.__doc__ = f"{stage.description}\n\n[bold]Examples[/]\n  llmctl {stage.name}\n  llmctl {stage.name} --force --json\n"
+    examples = [f"llmctl {stage.name}", f"llmctl {stage.name} --force --json"]
+    if stage.distributed:
+        examples.append(f"llmctl {stage.name} --gpus 2 --device cpu")
+    command.__doc__ = f"{stage.description}\n\n[bold]Examples[/]\n" + "".join(f"  {e}\n" for e in examples)
     return command
 
 

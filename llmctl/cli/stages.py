@@ -23,6 +23,43 @@ InputOption = Annotated[
 ]
 
 
+GpusOption = Annotated[
+    int, typer.Option("--gpus", help="Processes on this node (relaunches under torchrun).")
+]
+NodesOption = Annotated[int, typer.Option("--nodes", help="Nodes in a multi-node run (torchrun rendezvous).")]
+NodeRankOption = Annotated[int | None, typer.Option("--node-rank", help="This node's rank (multi-node).")]
+MasterAddrOption = Annotated[
+    str | None, typer.Option("--master-addr", help="Rank-0 node address (multi-node).")
+]
+MasterPortOption = Annotated[int, typer.Option("--master-port", help="Rendezvous port (multi-node).")]
+
+
+def device_option(section: str) -> Any:
+    """`--device`, which sets `<section>.device` of a distributed stage like --set does."""
+    return Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help=f"auto, cpu or cuda (sets {section}.device). --gpus N without a GPU needs --device cpu.",
+            show_default=False,
+        ),
+    ]
+
+
+PretrainDeviceOption = device_option("pretrain")
+
+
+def launch_options() -> list[tuple[str, Any, Any]]:
+    """(parameter, annotation, default) of the launch flags, for commands built from the registry."""
+    return [
+        ("gpus", GpusOption, 1),
+        ("nodes", NodesOption, 1),
+        ("node_rank", NodeRankOption, None),
+        ("master_addr", MasterAddrOption, None),
+        ("master_port", MasterPortOption, 29500),
+    ]
+
+
 def _render_outcome(row: dict[str, Any]):
     def render(console) -> None:
         status = "up to date" if row["reused"] else f"published in {row['seconds']:.1f}s"
@@ -47,23 +84,58 @@ def run_stage_command(
     refs: dict[str, str | None] | None = None,
     resume: bool = False,
     options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The body every stage command shares: load config, run (or reuse), print the outcome."""
+    launch: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """The body every stage command shares: load config, run (or reuse), print the outcome.
+
+    `launch` holds a distributed stage's --gpus/--nodes/... flags and `device` (its --device, which
+    sets `<section>.device`): the stage may then run on several processes (llmctl/stages/launch.py),
+    and only the one that reports prints. Returns the printed row (None where nothing was printed)."""
     from llmctl.stages.runner import run_stage
 
     state = state_of(ctx)
     out = state.output(json_)
-    config, folder = state.load_project(sets)
-    outcome = run_stage(
-        stage,
-        config,
-        folder,
-        refs={k: v for k, v in (refs or {}).items() if v},
-        force=force,
-        resume=resume,
-        reporter=out.reporter(),
-        options=options,
-    )
+    refs_given = {k: v for k, v in (refs or {}).items() if v}
+    if launch is None:
+        config, folder = state.load_project(sets)
+        outcome = run_stage(
+            stage,
+            config,
+            folder,
+            refs=refs_given,
+            force=force,
+            resume=resume,
+            reporter=out.reporter(),
+            options=options,
+        )
+    else:
+        import sys
+
+        from llmctl.stages import STAGES
+        from llmctl.stages.launch import Launch, launch_stage
+
+        launch = dict(launch)
+        device = launch.pop("device", None)
+        if device is not None:  # validated with the config, like --set
+            sets = [*(sets or []), f"{STAGES[stage].sections[0]}.device={device}"]
+        config, folder = state.load_project(sets)
+        result = launch_stage(
+            stage,
+            config,
+            folder,
+            launch=Launch(**launch),
+            argv=sys.argv,
+            refs=refs_given,
+            force=force,
+            resume=resume,
+            reporter=out.reporter(),
+            options=options,
+        )
+        if result.exit_code is not None:
+            raise typer.Exit(result.exit_code)
+        if result.outcome is None:
+            return None  # a rank > 0 of a torchrun job: rank 0 reports for all
+        outcome = result.outcome
     row = outcome_row(outcome)
     out.result(row, _render_outcome(row))
     return row
@@ -150,27 +222,12 @@ def pretrain(
             autocompletion=complete_refs(("model",)),
         ),
     ] = None,
-    gpus: Annotated[
-        int, typer.Option("--gpus", help="Processes on this node (relaunches under torchrun).")
-    ] = 1,
-    nodes: Annotated[
-        int, typer.Option("--nodes", help="Nodes in a multi-node run (torchrun rendezvous).")
-    ] = 1,
-    node_rank: Annotated[
-        int | None, typer.Option("--node-rank", help="This node's rank (multi-node).")
-    ] = None,
-    master_addr: Annotated[
-        str | None, typer.Option("--master-addr", help="Rank-0 node address (multi-node).")
-    ] = None,
-    master_port: Annotated[int, typer.Option("--master-port", help="Rendezvous port (multi-node).")] = 29500,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            "--device",
-            help="auto, cpu or cuda (sets pretrain.device). --gpus N without a GPU needs --device cpu.",
-            show_default=False,
-        ),
-    ] = None,
+    gpus: GpusOption = 1,
+    nodes: NodesOption = 1,
+    node_rank: NodeRankOption = None,
+    master_addr: MasterAddrOption = None,
+    master_port: MasterPortOption = 29500,
+    device: PretrainDeviceOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")] = False,
     force: ForceOption = False,
     sets: SetOption = None,
@@ -185,45 +242,18 @@ def pretrain(
       llmctl pretrain --resume
       llmctl pretrain --nodes 2 --node-rank 0 --master-addr node001 --gpus 8
     """
-    import sys
-
-    from llmctl.stages.runner import plan_stage
-    from llmctl.train.distributed import check_launch, env_rank, in_torchrun, maybe_relaunch, resolve_device
-
-    refs = {k: v for k, v in {"data": input_, "init": init}.items() if v}
-    if device is not None:
-        sets = [*(sets or []), f"pretrain.device={device}"]  # validated with the config, like --set
-    if not in_torchrun():
-        # A device that is not there fails first, before inputs are resolved or processes start.
-        config, folder = state_of(ctx).load_project(sets)
-        check_launch(gpus, nodes, config.pretrain.device)
-        resolve_device(config.pretrain.device)
-    if not in_torchrun() and gpus * nodes > 1:
-        # Resolve inputs once, here: a bad reference must fail before N processes start, and an
-        # up-to-date artifact must be reused here (rank 0 would skip training; the others would wait).
-        from llmctl.stages.pretrain import grad_accum_steps
-
-        plan = plan_stage("pretrain", config, folder, refs=refs)
-        grad_accum_steps(config.pretrain, gpus * nodes)  # a batch that cannot split fails here, once
-        if force or (resume and plan.resumable_run()) or plan.up_to_date() is None:
-            launch = {
-                "gpus": gpus,
-                "nodes": nodes,
-                "node_rank": node_rank,
-                "master_addr": master_addr,
-                "master_port": master_port,
-                "device": config.pretrain.device,
-            }
-            code = maybe_relaunch(sys.argv, launch)
-            if code is not None:
-                raise typer.Exit(code)
-    if env_rank() != 0:
-        from llmctl.stages.pretrain import run_worker
-
-        config, _ = state_of(ctx).load_project(sets)
-        run_worker(config.pretrain)
-        return
-    run_stage_command(ctx, "pretrain", sets=sets, force=force, json_=json_, refs=refs, resume=resume)
+    launch = {
+        "gpus": gpus,
+        "nodes": nodes,
+        "node_rank": node_rank,
+        "master_addr": master_addr,
+        "master_port": master_port,
+        "device": device,
+    }
+    refs = {"data": input_, "init": init}
+    run_stage_command(
+        ctx, "pretrain", sets=sets, force=force, json_=json_, refs=refs, resume=resume, launch=launch
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -59,6 +59,7 @@ register(
             InputSlot("init", (MODEL,), (), required=False, config_key="init"),
         ),
         keeps_run_dir=True,
+        distributed=True,
     )
 )
 register(

@@ -29,11 +29,20 @@ class StageContext:
     device: str = "cpu"
     # slot -> the id the manifest records; differs from inputs[slot].id for a copy given by path
     input_ids: dict[str, str] = field(default_factory=dict)
+    # This process's place in a torchrun job (see llmctl/stages/launch.py): a distributed stage runs
+    # on every rank with the same inputs and run folder; only the main rank writes the artifact.
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def config(self) -> Any:
         """This stage's own config section."""
         return getattr(self.project, self.stage.sections[0])
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and reports (rank 0, or the only process)."""
+        return self.rank == 0
 
     @property
     def output_dir(self) -> Path:

@@ -13,6 +13,13 @@ Adding a stage touches four things, and nothing else:
      gets a generic command (one `--SLOT` option per input, `--force`, `--set`, `--json`). Both are
      registered by `llmctl.cli.stage_commands` (the original stages' commands, registered by their
      CLI modules before it, are left as they are).
+A stage that trains on several processes sets `distributed=True` (see llmctl/stages/launch.py): its
+section has a `device` field (auto|cpu|cuda); its command gets `--gpus`, `--nodes`, `--node-rank`,
+`--master-addr`, `--master-port` and `--device`; its `run(ctx)` runs on every rank (`ctx.rank`,
+`ctx.world_size`; only `ctx.is_main` writes files). Its module may define `preflight(section,
+world_size)` (or `preflight(section, world_size, inputs)`, inputs: the resolved artifacts by slot)
+raising ConfigError/InputError for a config that cannot work on that many processes: it runs once,
+before any process is launched.
 `llmctl run`, `run --from/--until`, command completion and the schema list every stage from here.
 Stages from other distributions register the same way from a module named by an entry point in the
 `llmctl.stages` group; it is imported after the built-in stages, so its stages come last.
@@ -76,10 +83,17 @@ class Stage:
     module: str | None = None  # defaults to llmctl.stages.<name>
     config: str | None = None  # "module:Class" of its llmctl.yaml section (sections[0])
     command: str | None = None  # "module:function" of its CLI command; None: a generic one
+    distributed: bool = False  # runs on N processes under torchrun: --gpus/--nodes/--device (launch.py)
 
     def load_run(self) -> Callable[[StageContext], dict[str, Any]]:
-        module = importlib.import_module(self.module or f"llmctl.stages.{self.name}")
-        return module.run
+        return self._module().run
+
+    def load_preflight(self) -> Callable[..., None] | None:
+        """The stage module's `preflight(section, world_size[, inputs])`, if it has one."""
+        return getattr(self._module(), "preflight", None)
+
+    def _module(self) -> Any:
+        return importlib.import_module(self.module or f"llmctl.stages.{self.name}")
 
     def config_model(self) -> type | None:
         return load_object(self.config) if self.config else None

@@ -17,6 +17,7 @@ import contextlib
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,22 +262,65 @@ def run_stage(
     `resume` continues the newest unfinished run with this config; with none, an up-to-date
     artifact is reused as in a plain run. `force` always starts a new run (with `resume`: start over).
     """
-    reporter = reporter or Reporter()
     plan = plan_stage(name, project, project_dir, refs=refs, options=options)
+    return run_plan(
+        plan, project, project_dir, force=force, resume=resume, reporter=reporter, options=options
+    )
+
+
+def run_plan(
+    plan: StagePlan,
+    project: Any,
+    project_dir: Path,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    options: dict[str, Any] | None = None,
+    world_size: int = 1,
+    on_start: Callable[[StageContext], None] | None = None,
+) -> StageOutcome:
+    """`run_stage` for a stage already planned. For a distributed stage's rank 0 (launch.py):
+    `world_size` goes into the context, and `on_start(ctx)` is called once the run folder exists,
+    just before the stage runs (not when the artifact is reused or anything fails before)."""
+    reporter = reporter or Reporter()
+    name = plan.stage.name
+
+    def execute(resume: bool) -> StageOutcome:
+        return _execute(
+            plan,
+            project,
+            project_dir,
+            reporter,
+            options,
+            resume=resume,
+            world_size=world_size,
+            on_start=on_start,
+        )
+
     if force:
-        return _execute(plan, project, project_dir, reporter, options, resume=False)
+        return execute(resume=False)
 
     def waiting() -> None:
         reporter.log(f"{name}: an identical {name} run is in progress; waiting for it")
 
     with plan.workspace.run_lock(name, stable_hash([plan.config_hash, plan.input_key]), waiting):
-        if not (resume and plan.resumable_run()):
-            existing = plan.up_to_date()
-            if existing is not None:
-                why = "nothing to resume; " if resume else ""
-                reporter.log(f"{name}: {why}up to date ({existing.id}); use --force to run again")
-                return StageOutcome(existing, reused=True, seconds=0.0, inputs=plan.consumed())
-        return _execute(plan, project, project_dir, reporter, options, resume=resume)
+        reused = reuse_up_to_date(plan, resume=resume, reporter=reporter)
+        return reused if reused is not None else execute(resume=resume)
+
+
+def reuse_up_to_date(plan: StagePlan, *, resume: bool, reporter: Reporter) -> StageOutcome | None:
+    """The up-to-date artifact to reuse (and say so), or None when the stage must run: nothing is
+    up to date, or `resume` has an unfinished run to continue."""
+    if resume and plan.resumable_run():
+        return None
+    existing = plan.up_to_date()
+    if existing is None:
+        return None
+    name = plan.stage.name
+    why = "nothing to resume; " if resume else ""
+    reporter.log(f"{name}: {why}up to date ({existing.id}); use --force to run again")
+    return StageOutcome(existing, reused=True, seconds=0.0, inputs=plan.consumed())
 
 
 def _execute(
@@ -287,6 +331,8 @@ def _execute(
     options: dict[str, Any] | None,
     *,
     resume: bool,
+    world_size: int = 1,
+    on_start: Callable[[StageContext], None] | None = None,
 ) -> StageOutcome:
     """Run the stage in a run folder (new, or reopened for resume) and publish its output."""
     stage, workspace = plan.stage, plan.workspace
@@ -317,12 +363,15 @@ def _execute(
         resumed=resumed,
         options=dict(options or {}),
         input_ids={r.slot: r.id for r in plan.input_records},
+        world_size=world_size,
     )
     if plan.input_records and verification_disabled():
         ctx.note(f"{stage.name}: input files not checked against their manifests ({NO_VERIFY_ENV}=1)")
     started_at, t0 = now_iso(), time.perf_counter()
     try:
         run = stage.load_run()
+        if on_start is not None:
+            on_start(ctx)
         metrics = run(ctx)
     except (KeyboardInterrupt, Interrupted):
         _record_end(workspace, run_dir, stage, status="interrupted", error="interrupted")

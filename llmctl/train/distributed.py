@@ -3,14 +3,16 @@
 How a multi-GPU run works (no launcher script to write):
 
 1. The user types `llmctl pretrain --gpus 8` (plus `--nodes 2 --node-rank 0 --master-addr host
-   --master-port 29500` on each node for multi-node).
-2. The CLI calls `maybe_relaunch(sys.argv, options)` first. Outside torchrun with more than one
-   process requested, it re-executes the same command line as
+   --master-port 29500` on each node for multi-node). Any stage registered with `distributed=True`
+   takes the same flags.
+2. The launcher (`llmctl.stages.launch`) checks the device, resolves the inputs and runs the stage's
+   preflight once, reuses an up-to-date artifact, and otherwise calls `maybe_relaunch(sys.argv,
+   options)`: it re-executes the same command line as
    `python -m torch.distributed.run --standalone --nproc-per-node 8 -m llmctl pretrain --gpus 8 ...`
    and returns torchrun's exit code; inside torchrun (RANK/WORLD_SIZE set) it returns None.
-3. Every torchrun child runs the same `llmctl pretrain` command. Rank 0 goes through the stage
-   runner (run folder, publish); other ranks run only the training loop (see
-   `llmctl.stages.pretrain.run_worker`) and publish nothing.
+3. Every torchrun child runs the same `llmctl pretrain` command and joins the process group. Rank 0
+   goes through the stage runner (run folder, publish) and broadcasts the job to the other ranks,
+   which run the same stage function and publish nothing (see `llmctl.stages.launch`).
 
 `--gpus N` needs N CUDA devices; N CPU processes (gloo backend, e.g. to test DDP/FSDP on a laptop, as the
 tests do) must be asked for with `--device cpu`: a missing GPU is an error, never a silent CPU run.
@@ -63,8 +65,13 @@ def in_torchrun() -> bool:
 
 
 def env_rank() -> int:
-    """The global rank from the environment (0 outside torchrun); the CLI uses it to pick the path."""
+    """The global rank from the environment (0 outside torchrun)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    """The number of processes in the job from the environment (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if in_torchrun() else 1
 
 
 def relaunch_command(argv: list[str], options: dict[str, Any]) -> list[str] | None:
@@ -98,16 +105,17 @@ def relaunch_command(argv: list[str], options: dict[str, Any]) -> list[str] | No
     return [*cmd, f"--nproc-per-node={gpus}", "-m", "llmctl", *argv[1:]]
 
 
-def resolve_device(device: str = "auto") -> str:
-    """The device type for a `pretrain.device` value: auto = cuda when there is one, else cpu."""
+def resolve_device(device: str = "auto", key: str = "pretrain.device") -> str:
+    """The device type for a `<section>.device` value (`key` names it in errors): auto = cuda when
+    there is one, else cpu."""
     if device == "cpu":
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"
     if device == "cuda":
         raise UsageError(
-            f"pretrain.device is cuda but no CUDA device was found ({_cuda_build()})",
-            hint="set pretrain.device=cpu (or auto), or run on a machine with a GPU",
+            f"{key} is cuda but no CUDA device was found ({_cuda_build()})",
+            hint=f"set {key}=cpu (or auto), or run on a machine with a GPU",
         )
     return "cpu"
 
@@ -160,7 +168,8 @@ def maybe_relaunch(argv: list[str], options: dict[str, Any]) -> int | None:
 
 def init_distributed(timeout_s: float = 1800, device: str = "auto") -> DistInfo:
     """Join the process group when under torchrun (NCCL on CUDA, gloo on CPU); else a 1-process info.
-    `device` is `pretrain.device` (auto, cpu or cuda)."""
+    `device` is the stage's `device` setting (auto, cpu or cuda). Idempotent: a second call returns
+    the same info without joining again."""
     device = resolve_device(device)
     if not in_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(device=device)
