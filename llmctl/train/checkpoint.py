@@ -167,3 +167,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+# ---- the checkpointer a training loop uses -------------------------------------------------------
+
+
+class Checkpointer:
+    """Save and restore a training run's whole state (weights, optimizer, trainer state, RNG) in
+    `root`, under any strategy: saving gathers full state dicts (collective under FSDP, so every
+    rank calls it) and rank 0 writes; restoring reads the newest readable checkpoint on every rank."""
+
+    def __init__(self, root: Path, model_config: ModelConfig, *, keep: int, is_main: bool):
+        self.root = root
+        self.model_config = model_config
+        self.keep = keep
+        self.is_main = is_main
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from llmctl.train.distributed import full_state_dicts
+
+        model_state, optim_state = full_state_dicts(model, optimizer)
+        if self.is_main:
+            save_checkpoint(
+                self.root, step, model_state, self.model_config, optim_state, state, keep=self.keep
+            )
+
+    def restore(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, warn: Callable[[str], None]
+    ) -> tuple[Path, dict[str, Any]] | None:
+        """Load the newest readable checkpoint into model and optimizer; (its folder, trainer state),
+        or None when there is none."""
+        from llmctl.train.distributed import load_full_state_dicts
+
+        found = load_latest_checkpoint(self.root, warn)
+        if found is None:
+            return None
+        path, model_state, optim_state, state = found
+        load_full_state_dicts(model, optimizer, model_state, optim_state)
+        return path, state

@@ -111,7 +111,16 @@ class MetricsWriter:
 class ExternalLoggers:
     """Optional TensorBoard and W&B sinks (imported only when enabled)."""
 
-    def __init__(self, *, tensorboard: bool, wandb: bool, log_dir: Path, project: str, config: dict):
+    def __init__(
+        self,
+        *,
+        tensorboard: bool,
+        wandb: bool,
+        log_dir: Path,
+        project: str,
+        config: dict,
+        section: str = "pretrain",
+    ):
         self.tb = None
         self.wandb = None
         if tensorboard:
@@ -119,8 +128,8 @@ class ExternalLoggers:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError(
-                    "pretrain.tensorboard is true but tensorboard is not installed",
-                    hint="pip install tensorboard, or set pretrain.tensorboard=false",
+                    f"{section}.tensorboard is true but tensorboard is not installed",
+                    hint=f"pip install tensorboard, or set {section}.tensorboard=false",
                 ) from None
             self.tb = SummaryWriter(str(log_dir / "tensorboard"))
         if wandb:
@@ -128,8 +137,8 @@ class ExternalLoggers:
                 import wandb as wandb_module
             except ImportError:
                 raise ConfigError(
-                    "pretrain.wandb is true but wandb is not installed",
-                    hint="pip install wandb, or set pretrain.wandb=false",
+                    f"{section}.wandb is true but wandb is not installed",
+                    hint=f"pip install wandb, or set {section}.wandb=false",
                 ) from None
             self.wandb = wandb_module
             wandb_module.init(project=project, config=config, dir=str(log_dir))
