@@ -413,14 +413,20 @@ def _dist_child(rank: int, world: int, port: int, project_dir: str, cfg_json: st
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
+    from llmctl.stages.launch import Launch, launch_stage
+
     cfg = PretrainConfig.model_validate_json(cfg_json)
     install_stages()
-    if rank == 0:
-        run_pretrain(Project(pretrain=cfg), Path(project_dir))
-    else:
-        from llmctl.stages.pretrain import run_worker
-
-        run_worker(cfg)
+    # Every rank calls the same launcher, as every torchrun child of `llmctl pretrain` does.
+    result = launch_stage(
+        "pretrain",
+        Project(pretrain=cfg),
+        Path(project_dir),
+        launch=Launch(),
+        argv=[],
+        refs={"data": "toy_tokens:latest"},
+    )
+    assert (result.outcome is not None) == (rank == 0) and result.exit_code is None
 
 
 @pytest.mark.slow
