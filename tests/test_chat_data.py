@@ -233,6 +233,18 @@ def test_empty_data_sets_are_errors(tmp_path: Path) -> None:
     assert err.message.startswith("sft.data.val_sources[0]: blank.jsonl holds no conversations")
 
 
+def test_corrupt_files_are_named(tmp_path: Path) -> None:
+    whole = gzip.compress(_jsonl([{"messages": CHAT}] * 300))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    assert _error(tmp_path, sources=[{"path": "cut.jsonl.gz"}]).message.startswith(
+        "cut.jsonl.gz: cannot read"
+    )
+    (tmp_path / "packed.jsonl").write_bytes(gzip.compress(_jsonl([{"messages": CHAT}])))
+    assert "rename it to .jsonl.gz" in _error(tmp_path, sources=[{"path": "packed.jsonl"}]).hint
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    assert _error(tmp_path, sources=[{"path": "bad.parquet"}]).message.startswith("bad.parquet: cannot read")
+
+
 # --- hub datasets (offline cache) ----------------------------------------------------------------
 
 
