@@ -90,7 +90,6 @@ def test_messages_from_plain_gz_and_zst_jsonl(tmp_path: Path) -> None:
     assert [c.where for c in limited] == ["packed.jsonl.gz:1", "packed.jsonl.gz:2", "packed.jsonl.zst:1"]
 
 
-@pytest.mark.xfail(strict=True, reason="sources.py does not read .jsonl.bz2 yet (see the sft data report)")
 def test_bz2_jsonl(tmp_path: Path) -> None:
     import bz2
 

@@ -280,13 +280,7 @@ def _chat_files(source: ChatSourceConfig, base_dir: Path, index: int, key: str) 
     as_source = SourceConfig(
         path=source.path, format=source.format, subset=source.subset, split=source.split, limit=source.limit
     )
-    try:
-        files = _resolve_files(as_source, base_dir, index)
-    except InputError as e:
-        # sources.py names the pretraining section in its messages; name ours instead
-        e.message = e.message.replace(f"data.sources[{index}]", f"{key}[{index}]", 1)
-        e.args = (e.message,)
-        raise
+    files = _resolve_files(as_source, base_dir, index, key)
     chat_files = [f for f in files if f.format in ("jsonl", "parquet")]  # .txt files hold no records
     if not chat_files:
         raise InputError(

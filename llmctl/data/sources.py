@@ -17,6 +17,7 @@ Documents are still datatrove `Document`s, so the rest of the pipeline is plain 
 
 from __future__ import annotations
 
+import bz2
 import fnmatch
 import functools
 import glob as globlib
@@ -38,7 +39,7 @@ from llmctl.config.data import HF_DATASETS_PREFIX, DataConfig, SourceConfig
 from llmctl.errors import ConfigError, InputError
 from llmctl.reporting import Reporter
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".jsonl.zstd", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".jsonl.zstd", ".jsonl.bz2", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt",)
 _SUFFIXES = {"jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES, "text": TEXT_SUFFIXES}
@@ -176,10 +177,11 @@ def _wanted_in_folder(name: str, source: SourceConfig) -> bool:
     return fmt is not None and (source.format == "auto" or fmt == source.format)
 
 
-def _resolve_files(source: SourceConfig, base_dir: Path, index: int) -> list[_File]:
+def _resolve_files(source: SourceConfig, base_dir: Path, index: int, key: str = "data.sources") -> list[_File]:
+    """The files of one source; `key` names the sources list in error messages (sft: sft.data.sources)."""
     if source.is_hub:
-        return _resolve_hub_files(source, index)
-    where = f"data.sources[{index}].path"
+        return _resolve_hub_files(source, index, key)
+    where = f"{key}[{index}].path"
     raw = os.path.expanduser(source.path)
     full = raw if os.path.isabs(raw) else str(base_dir / raw)
     if _GLOB_CHARS.search(raw):
@@ -347,8 +349,8 @@ def _patterns_for_split(data_files: Any, split: str | None, where: str, subset: 
     return entries[split]
 
 
-def _resolve_hub_files(source: SourceConfig, index: int) -> list[_File]:
-    where = f"data.sources[{index}]"
+def _resolve_hub_files(source: SourceConfig, index: int, key: str = "data.sources") -> list[_File]:
+    where = f"{key}[{index}]"
     repo, revision, inner = _parse_hub_path(source.path)
     if _offline():
         cached = _cached_snapshot(repo, revision)
@@ -465,6 +467,8 @@ def _decompressed(raw: IO[bytes], name: str) -> IO[bytes]:
     lower = name.lower()
     if lower.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    if lower.endswith(".bz2"):
+        return bz2.BZ2File(raw)  # type: ignore[return-value]
     if lower.endswith((".zst", ".zstd")):
         return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 20)  # type: ignore[return-value]
     return raw
