@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import run_cli
+from test_launch import PROMPT_S, torchrun
 
 SMALL = [
     "--set", "tokenize.vocab_size=512",
@@ -37,8 +40,22 @@ def test_pretrain_two_processes_through_torchrun(corpus_project):
     assert resumed.code == 0 and resumed.json()["reused"] is True, resumed.stderr[-2000:]
     assert "nothing to resume; up to date (pretrain:v0001)" in resumed.stderr
 
+    # The user's own torchrun of the up-to-date stage: every rank exits at once (none waits for the
+    # 1800 s collective timeout), and only rank 0 reports.
+    direct, seconds = torchrun("--json", "pretrain", "--device", "cpu", *SMALL, cwd=corpus_project)
+    assert direct.code == 0 and json.loads(direct.stdout)["reused"] is True, direct.stderr[-2000:]
+    assert seconds < PROMPT_S
+    wrong, seconds = torchrun(
+        "pretrain", "--device", "cpu", "--input", "tokenize:v0042", *SMALL, cwd=corpus_project
+    )
+    assert wrong.code != 0 and "tokenize:v0042" in wrong.stderr and seconds < PROMPT_S
+
+    # A batch that does not split over 3 processes: refused once, before torchrun starts any.
+    runs = sorted((corpus_project / "workspace" / "runs" / "pretrain").glob("*"))
     bad = run_cli("pretrain", "--gpus", "3", "--device", "cpu", "--force", *SMALL, cwd=corpus_project)
     assert bad.code == 2 and "not a multiple" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.stderr.count("Error:") == 1 and "torch.distributed" not in bad.stderr
+    assert sorted((corpus_project / "workspace" / "runs" / "pretrain").glob("*")) == runs
 
 
 def test_pretrain_without_tokens_says_what_to_run(tmp_path):
