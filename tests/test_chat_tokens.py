@@ -439,5 +439,7 @@ def test_best_fit_packs_tighter_than_sequential_and_never_overflows():
     assert [i for row in rows["sequential"] for i in row] == list(range(len(lengths)))
     best, seq = (packing_efficiency(lengths, rows[s], 512) for s in ("best_fit", "sequential"))
     assert best > 0.97 and best > seq
+    # Each into the fullest row that has room: 4 fills the first row exactly, 3 and 2 the second.
+    assert pack([6, 5, 4, 3, 2], 10) == [[0, 2], [1, 3, 4]]
     with pytest.raises(InputError, match="more than the sequence length"):
         pack([513], 512)
