@@ -389,6 +389,8 @@ def test_targets_are_shifted_within_each_conversation(tok):
         [0, 0, 0, 1, 1, 0],
         [0, 0, 0, 0, 0, 1],
     ]
+    moved = batch.to("cpu")
+    assert torch.equal(moved.attention_mask, batch.attention_mask) and moved.seq_lens == [[3, 2]]
     padded = collate_padded([a, b], pad_id=0, pad_to_multiple_of=4)
     assert padded.targets.tolist() == [
         [11, 12, IGNORE_INDEX, IGNORE_INDEX],
