@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ from conftest import CliResult, cli_env, run_cli, write_project
 PLUGIN = '''
 """`toyddp`: every rank sums its share of `items` into one all-reduced total; rank 0 publishes it."""
 
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,6 +36,10 @@ from llmctl.config.base import Section
 from llmctl.errors import ConfigError, InputError
 from llmctl.stages.registry import InputSlot, Stage, register
 from llmctl.train import distributed as D
+
+if "RANK" in os.environ and "TOYDDP_STARTED" in os.environ:  # a torchrun child: the test counts them
+    with Path(os.environ["TOYDDP_STARTED"]).open("a") as log:
+        log.write(os.environ["RANK"] + "\\n")
 
 
 class ToyDdpConfig(Section):
@@ -90,12 +97,34 @@ def plugin_path(tmp_path_factory) -> str:
     return str(site)
 
 
-def _env(plugin_path: str) -> dict[str, str]:
-    return cli_env(PYTHONPATH=os.pathsep.join(filter(None, [plugin_path, os.environ.get("PYTHONPATH")])))
+@dataclass
+class Toy:
+    """A project with a `toyddp:` section, run with the plugin installed."""
+
+    project: Path
+    env: dict[str, str]
+    started: Path  # one line per torchrun child started (written by the plugin)
+
+    def cli(self, *args: str) -> CliResult:
+        return run_cli(*args, cwd=self.project, env=self.env, timeout=120)
+
+    def torchrun(self, *args: str) -> tuple[CliResult, float]:
+        return torchrun(*args, cwd=self.project, env=self.env)
+
+    def processes_started(self) -> int:
+        return len(self.started.read_text().split()) if self.started.exists() else 0
+
+    def runs(self) -> list[Path]:
+        """toyddp's run folders (a published run's is removed; a failed one's stays)."""
+        return sorted((self.project / "workspace" / "runs" / "toyddp").glob("*"))
 
 
-def _cli(plugin_path: str, *args: str, cwd: Path) -> CliResult:
-    return run_cli(*args, cwd=cwd, env=_env(plugin_path), timeout=120)
+@pytest.fixture
+def toy(tmp_path, plugin_path) -> Toy:
+    paths = [plugin_path, os.environ.get("PYTHONPATH")]
+    started = tmp_path / "started.log"
+    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, paths)), TOYDDP_STARTED=str(started))
+    return Toy(write_project(tmp_path / "p", "toyddp:\n  items: 6\n"), env, started)
 
 
 def torchrun(*args: str, cwd: Path, env: dict | None = None, nproc: int = 2) -> tuple[CliResult, float]:
@@ -113,70 +142,60 @@ def torchrun(*args: str, cwd: Path, env: dict | None = None, nproc: int = 2) -> 
     return CliResult(proc.returncode, proc.stdout, proc.stderr), time.monotonic() - t0
 
 
-def _runs(project: Path) -> list[Path]:
-    """toyddp's run folders (a published run's is removed; a failed one's stays)."""
-    return sorted((project / "workspace" / "runs" / "toyddp").glob("*"))
-
-
-def test_a_distributed_stage_gets_the_launch_flags_and_fails_before_any_process(tmp_path, plugin_path):
-    project = write_project(tmp_path / "p", "toyddp:\n  items: 6\n")
-    help_text = _cli(plugin_path, "toyddp", "--help", cwd=project).stdout
+def test_a_distributed_stage_gets_the_launch_flags_and_fails_before_any_process(toy):
+    help_text = toy.cli("toyddp", "--help").stdout
     for flag in ("--gpus", "--nodes", "--node-rank", "--master-addr", "--master-port", "--device", "--init"):
         assert flag in help_text, flag
     assert "toyddp.device" in help_text and "--gpus 2 --device cpu" in help_text
-    assert "--gpus" not in _cli(plugin_path, "dedup", "--help", cwd=project).stdout  # not distributed
+    assert "--gpus" not in toy.cli("dedup", "--help").stdout  # not a distributed stage
 
-    # 6 items over 4 processes: refused here, once, before torchrun (whose own exit code would be 1).
-    t0 = time.monotonic()
-    bad = _cli(plugin_path, "toyddp", "--gpus", "4", "--device", "cpu", cwd=project)
-    assert bad.code == 2, bad.stderr
-    assert bad.stderr.count("Error:") == 1 and "does not split over 4 processes" in bad.stderr
-    assert "torch.distributed" not in bad.stderr and not _runs(project)
-    assert time.monotonic() - t0 < PROMPT_S
+    # 6 items over 4 processes: refused here, once, before torchrun starts any.
+    bad = toy.cli("toyddp", "--gpus", "4", "--device", "cpu")
+    assert bad.code == 2 and bad.stderr.count("Error:") == 1, bad.stderr
+    assert "does not split over 4 processes" in bad.stderr
+    assert toy.processes_started() == 0 and not toy.runs()
     # The device flag is validated like --set, and a missing GPU is named by the stage's own key.
-    assert _cli(plugin_path, "toyddp", "--device", "tpu", cwd=project).code == 2
-    missing = _cli(plugin_path, "toyddp", "--device", "cuda", cwd=project)
+    assert toy.cli("toyddp", "--device", "tpu").code == 2
+    missing = toy.cli("toyddp", "--device", "cuda")
     if missing.code != 0:
         assert missing.code == 2 and "toyddp.device is cuda" in missing.stderr
 
 
 @pytest.mark.slow  # four torchrun launches of two CPU processes each
-def test_every_rank_gets_the_job_or_hears_there_is_none(tmp_path, plugin_path):
-    project = write_project(tmp_path / "p", "toyddp:\n  items: 6\n")
-    env = _env(plugin_path)
-
-    ran = _cli(plugin_path, "--json", "toyddp", "--gpus", "2", "--device", "cpu", cwd=project)
+def test_every_rank_gets_the_job_or_hears_there_is_none(toy):
+    ran = toy.cli("--json", "toyddp", "--gpus", "2", "--device", "cpu")
     assert ran.code == 0, ran.stderr[-3000:]
     doc = ran.json()  # exactly one JSON document on stdout: only rank 0 reports
-    assert doc["artifact"] == "toyddp:v0001" and not doc["reused"]
+    assert doc["artifact"] == "toyddp:v0001" and not doc["reused"] and toy.processes_started() == 2
     assert doc["metrics"]["world_size"] == 2 and doc["metrics"]["total"] == sum(range(6))
     assert doc["metrics"]["markers"] == ["rank0.txt", "rank1.txt"]  # rank 1 worked in rank 0's run folder
 
     # Up to date: reused before any process starts.
-    again = _cli(plugin_path, "--json", "toyddp", "--gpus", "2", "--device", "cpu", cwd=project)
-    assert again.code == 0 and again.json()["reused"] is True
-    assert len(_runs(project)) == 0  # a published run folder is gone; no new one
+    again = toy.cli("--json", "toyddp", "--gpus", "2", "--device", "cpu")
+    assert again.code == 0 and again.json()["reused"] is True and toy.processes_started() == 2
 
     # The user's own torchrun of an up-to-date stage: every rank exits 0 at once, one report.
-    direct, seconds = torchrun("--json", "toyddp", "--device", "cpu", cwd=project, env=env)
+    direct, seconds = toy.torchrun("--json", "toyddp", "--device", "cpu")
     assert direct.code == 0, direct.stderr[-3000:]
     assert json.loads(direct.stdout)["reused"] is True and seconds < PROMPT_S
 
     # A bad reference: rank 0 fails while planning and the other rank exits too, at once.
-    wrong, seconds = torchrun("toyddp", "--device", "cpu", "--init", "toyddp:v0042", cwd=project, env=env)
+    wrong, seconds = toy.torchrun("toyddp", "--device", "cpu", "--init", "toyddp:v0042")
     assert wrong.code != 0 and "toyddp:v0042" in wrong.stderr and seconds < PROMPT_S
-    # A config the input cannot take (preflight reads the resolved inputs): also before any process.
-    mismatch = _cli(
-        plugin_path, "toyddp", "--gpus", "2", "--device", "cpu", "--init", "toyddp:v0001",
-        "--set", "toyddp.items=4", cwd=project,
-    )  # fmt: skip
+    assert [line for line in wrong.stderr.splitlines() if line.startswith("Error:")] == [
+        "Error: unknown reference 'toyddp:v0042'"
+    ]  # rank 0 speaks for both
+
+    # A config its input cannot take (preflight gets the resolved inputs): before any process too.
+    started = toy.processes_started()
+    mismatch = toy.cli(
+        "toyddp", "--gpus", "2", "--device", "cpu", "--init", "toyddp:v0001", "--set", "toyddp.items=4"
+    )
     assert mismatch.code == 2 and "counted 6 items, toyddp.items is 4" in mismatch.stderr
-    assert "torch.distributed" not in mismatch.stderr
+    assert toy.processes_started() == started
 
     # Under torchrun the job runs on every rank with rank 0's run folder and inputs.
-    forced, seconds = torchrun(
-        "--json", "toyddp", "--device", "cpu", "--init", "toyddp:v0001", "--force", cwd=project, env=env
-    )
+    forced, _ = toy.torchrun("--json", "toyddp", "--device", "cpu", "--init", "toyddp:v0001", "--force")
     assert forced.code == 0, forced.stderr[-3000:]
     doc = json.loads(forced.stdout)
     assert doc["artifact"] == "toyddp:v0002" and doc["inputs"] == {"init": "toyddp:v0001"}
