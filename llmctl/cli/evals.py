@@ -30,20 +30,35 @@ def _parse_minimums(items: list[str] | None) -> dict[str, float]:
     return minimums
 
 
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
 def _render_results(results: dict[str, Any], failures: list[str]):
+    """One row per task and metric; chat tasks scored beside their base model get its value and the
+    paired difference in extra columns (their base_* metrics are not repeated as rows)."""
+
     def render(console) -> None:
-        table = Table("task", "metric", "value", "± stderr", "n", "shots")
+        with_base = any("vs_base" in entry for entry in results["tasks"].values())
+        columns = ["task", "metric", "value", "± stderr"]
+        if with_base:
+            columns += [f"base\n{results.get('base_model') or ''}", "± stderr", "Δ vs base ± stderr"]
+        table = Table(*columns, "n", "shots")
         for task, entry in results["tasks"].items():
-            for metric, value in entry["metrics"].items():
-                err = (entry.get("stderr") or {}).get(metric)
-                table.add_row(
-                    task,
-                    metric,
-                    f"{value:.4f}" if isinstance(value, float) else str(value),
-                    f"{err:.4f}" if isinstance(err, float) else "",
-                    str(entry.get("n", "")),
-                    str(entry.get("shots", "")),
-                )
+            metrics, stderr = entry["metrics"], entry.get("stderr") or {}
+            vs_base = entry.get("vs_base") or {}
+            for metric, value in metrics.items():
+                if metric.startswith("base_") and metric.removeprefix("base_") in vs_base:
+                    continue
+                cells = [task, metric, _number(value), _number(stderr.get(metric))]
+                if with_base:
+                    diff = vs_base.get(metric)
+                    cells += [
+                        _number(metrics.get(f"base_{metric}")),
+                        _number(stderr.get(f"base_{metric}")),
+                        f"{diff['delta']:+.4f} ± {_number(diff['stderr'])}" if diff else "",
+                    ]
+                table.add_row(*cells, str(entry.get("n", "")), str(entry.get("shots", "")))
         console.print(table)
         for line in failures:
             console.print(Text.assemble(("gate failed: ", "red"), line))
@@ -94,7 +109,7 @@ def eval_(
     tasks: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Tasks (mmlu, hellaswag, arc_easy, ..., perplexity, world_mc, custom names); "
+            help="Tasks (mmlu, hellaswag, arc_easy, ..., perplexity, world_mc, world_chat, custom names); "
             "default: eval.tasks. `compare REF REF...` compares eval artifacts."
         ),
     ] = None,
@@ -139,6 +154,14 @@ def eval_(
         typer.Option("--min", help="Gate: exit 1 when TASK (or TASK/METRIC) scores below SCORE. Repeatable."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Few-shot sampling seed.")] = None,
+    base: Annotated[
+        bool | None,
+        typer.Option(
+            "--base/--no-base",
+            help="Chat tasks also score the model it was fine-tuned from, asked the same way "
+            "(default: eval.base, on).",
+        ),
+    ] = None,
     threads: Threads = None,
     force: ForceOption = False,
     sets: SetOption = None,
@@ -153,6 +176,7 @@ def eval_(
       llmctl eval mmlu --ckpt latest --data-dir ~/data/mmlu --shots 5
       llmctl eval hellaswag arc_easy --ckpt import:latest --limit 300
       llmctl eval --min world_mc=0.4          # a CI gate: exit 1 below the score
+      llmctl eval world_chat --ckpt sft:latest # chat answers, beside the base model's
       llmctl eval compare eval:v1 eval:v2
     """
     from llmctl.cli.models import plain_model_folder
@@ -177,6 +201,7 @@ def eval_(
             "log_samples": log_samples or None,
             "data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,
             "seed": seed,
+            "base": base,
         }.items()
         if value is not None
     }

@@ -6,6 +6,7 @@ eval:
   shots: {mmlu: 5}
   custom:
     - {name: capitals, path: evals/capitals.jsonl, type: multiple_choice}
+    - {name: support_faq, path: evals/faq.jsonl, type: chat}
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ from llmctl.config.base import Section
 
 
 class CustomTask(Section):
-    """A task read from a JSONL file: multiple-choice rows {query, choices, gold} or generative rows
-    {prompt, answer, match: exact|regex, pattern}."""
+    """A task read from a JSONL file: multiple-choice rows {query, choices, gold}, generative rows
+    {prompt, answer, match: exact|regex, pattern}, or chat rows {prompt, answer (or a list), system}."""
 
     name: str = Field(description="Task name used on the command line and in results (e.g. `capitals`).")
     path: str = Field(description="JSONL file, relative to the project folder.")
-    type: Literal["multiple_choice", "generative"] = Field(
+    type: Literal["multiple_choice", "generative", "chat"] = Field(
         description="multiple_choice: score each choice as a continuation of query; generative: "
-        "greedy generation compared with answer."
+        "greedy generation compared with answer; chat: the prompt asked as a user turn in the model's "
+        "chat template, greedy generation until its end-of-turn token, exact match and contains."
     )
     until: list[str] = Field(
         default_factory=lambda: ["\n"],
-        description="Generative only: stop generating at the first of these strings.",
+        description="Generative only: stop generating at the first of these strings (chat tasks stop at "
+        "the model's end-of-turn token).",
     )
 
 
@@ -39,7 +42,7 @@ class EvalConfig(Section):
     tasks: list[str] = Field(
         default_factory=lambda: ["perplexity", "world_mc"],
         description="Tasks to run: built-ins (mmlu, hellaswag, arc_easy, arc_challenge, piqa, winogrande, "
-        "lambada, gsm8k, perplexity, world_mc) or names of `custom` tasks.",
+        "lambada, gsm8k, perplexity, world_mc, world_chat) or names of `custom` tasks.",
     )
     limit: int | None = Field(
         default=None, ge=1, description="Score at most this many items per task (perplexity: val windows)."
@@ -78,9 +81,21 @@ class EvalConfig(Section):
     max_gen_tokens: int = Field(
         default=256, ge=1, description="Most tokens generated per answer (lm-eval: 256)."
     )
+    chat_max_gen_tokens: int = Field(
+        default=32,
+        ge=1,
+        description="Most tokens generated per answer in chat tasks (world_chat, type: chat).",
+    )
+    base: bool = Field(
+        default=True,
+        description="Chat tasks also score the evaluated model's base model (the `model` input its "
+        "manifest records, e.g. where sft started) with the same prompts, as base_* metrics beside "
+        "the model's. `--no-base` turns it off for one run.",
+    )
     world_seed: int | None = Field(
         default=None,
-        description="Seed of the synthetic world for world_mc; unset: the seed in data/truth.json, else 0.",
+        description="Seed of the synthetic world for world_mc (and world_chat without data/chat_eval.jsonl); "
+        "unset: the seed in data/truth.json, else 0.",
     )
     world_items: int = Field(
         default=150, ge=1, description="Number of world_mc items (the default world has 186 facts)."

@@ -7,6 +7,10 @@
     compare([eval_dir_a, eval_dir_b])            # scores side by side, deltas vs the first
     check_thresholds(results, {"arc_easy": 0.5}) # ["arc_easy/acc = 0.41 < 0.5"]
 
+Chat tasks (world_chat, custom `type: chat`; llmctl/evals/chat.py) also score `base`, the model the
+evaluated one was fine-tuned from, asked with the same prompts: `base_<metric>` beside each metric, and
+`vs_base`, the paired difference per metric with its standard error.
+
 Standard errors are lm-eval's: the sample standard deviation of per-item scores over sqrt(n), which
 for accuracies is sqrt(p(1-p)/(n-1)); groups (MMLU categories and the MMLU total) pool their items
 (lm-eval weights subjects by size, i.e. the same micro average).
@@ -27,6 +31,7 @@ import torch
 from llmctl.errors import InputError
 from llmctl.evals import data as evdata
 from llmctl.evals import tasks as T
+from llmctl.evals.chat import ChatPrompts, run_chat
 from llmctl.evals.lm import DEFAULT_BATCH_TOKENS, EvalLM, LogLik, set_threads
 from llmctl.reporting import Reporter
 
@@ -38,7 +43,9 @@ PRIMARY_METRIC = {
     "loglikelihood": "acc",
     "generate": "exact_match_strict",
     "perplexity": "bits_per_byte",
+    "chat": "exact_match",
 }
+DEFAULT_CHAT_MAX_GEN_TOKENS = 32
 
 
 def stderr_of(values: Sequence[float]) -> float | None:
@@ -69,6 +76,17 @@ def _world_seed(project_dir: Path | None, world_seed: int | None) -> int:
     return 0
 
 
+def world_chat_file(data_dir: Path | None, project_dir: Path | None) -> Path | None:
+    """The rows of world_chat: a --data-dir file, else the project's data/chat_eval.jsonl (written by
+    `llmctl init` with the tiny template), else None (rows made from the world seed)."""
+    from llmctl.data.synthetic_chat import CHAT_EVAL_FILE
+
+    if data_dir is not None and data_dir.is_file():
+        return data_dir
+    path = project_dir / "data" / CHAT_EVAL_FILE if project_dir is not None else None
+    return path if path is not None and path.is_file() else None
+
+
 def build_task_items(
     task: str,
     *,
@@ -80,7 +98,7 @@ def build_task_items(
     world_seed: int | None = None,
     world_items: int = 150,
 ) -> list[T.Item]:
-    """The items of one task (built-in, world_mc or custom)."""
+    """The items of one task (built-in, world_mc, world_chat or custom)."""
     if task in custom:
         spec = custom[task]
         path = Path(spec["path"])
@@ -93,6 +111,8 @@ def build_task_items(
         rows = evdata.read_rows(path)
         if spec["type"] == "multiple_choice":
             return T.build_custom_mc(rows, str(path))
+        if spec["type"] == "chat":
+            return T.build_chat(rows, str(path))
         return T.build_custom_generative(rows, str(path), tuple(spec.get("until", ["\n"])))
     T.check_shots(task, shots)
     if task == "world_mc":
@@ -100,6 +120,16 @@ def build_task_items(
 
         rows = world_multiple_choice(_world_seed(project_dir, world_seed), world_items)
         return T.build_custom_mc([{**r, "group": r["relation"]} for r in rows], "world_mc")
+    if task == "world_chat":
+        path = world_chat_file(data_dir, project_dir)
+        if path is not None:
+            return T.build_chat(evdata.read_rows(path), str(path))
+        from llmctl.data.synthetic import World
+        from llmctl.data.synthetic_chat import eval_rows, heldout_facts
+
+        seed = _world_seed(project_dir, world_seed)
+        world = World.build(seed)
+        return T.build_chat(eval_rows(world, heldout_facts(world, seed)), f"world_chat (world seed {seed})")
     spec = T.TASKS[task]
     assert spec.split is not None
     rows = evdata.load_split(spec.data or task, spec.split, data_dir)
@@ -264,6 +294,9 @@ def evaluate(
     samples_to_keep: int | None = 20,
     seed: int = T.LM_EVAL_FEWSHOT_SEED,
     max_gen_tokens: int = 256,
+    chat_max_gen_tokens: int = DEFAULT_CHAT_MAX_GEN_TOKENS,
+    base: str | Path | EvalLM | None = None,
+    base_name: str | None = None,
     perplexity_data: Path | None = None,
     project_dir: Path | None = None,
     world_seed: int | None = None,
@@ -274,7 +307,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score `model` (a model folder or an EvalLM) on `tasks`; write results.json and samples/ to
     out_dir when given (the first `samples_to_keep` items per task; None: all, lm-eval's
-    --log_samples). `perplexity_data` is a tokens artifact folder or a text file."""
+    --log_samples). `perplexity_data` is a tokens artifact folder or a text file. `base` (a model
+    folder or EvalLM, named `base_name` in the results) is scored beside `model` on chat tasks."""
     reporter = reporter or Reporter()
     shots = dict(shots or {})
     custom_map = {c["name"]: dict(c) for c in custom}
@@ -297,6 +331,7 @@ def evaluate(
         "decoding": {
             "generation": "greedy",
             "max_gen_tokens": max_gen_tokens,
+            "chat_max_gen_tokens": chat_max_gen_tokens,
             "dtype": str(next(lm.model.parameters()).dtype),
         },
         "settings": {
@@ -309,11 +344,13 @@ def evaluate(
         "tasks": {},
     }
     samples: dict[str, list[dict[str, Any]]] = {}
+    base_lm: EvalLM | None = None
+    prompts: ChatPrompts | None = None
     for task in tasks:
         t0 = time.perf_counter()
         spec = T.TASKS.get(task)
         if task in custom_map:
-            kind = "multiple_choice" if custom_map[task]["type"] == "multiple_choice" else "generate"
+            kind = {"generative": "generate"}.get(custom_map[task]["type"], custom_map[task]["type"])
         else:
             assert spec is not None
             kind = spec.kind
@@ -355,6 +392,9 @@ def evaluate(
         )
         if limit is not None:
             items = items[:limit]
+        if kind == "chat" and task == "world_chat":
+            source = world_chat_file(data_dir, project_dir)
+            reporter.log(f"world_chat: {source or 'rows made from the world seed (no data/chat_eval.jsonl)'}")
         task_samples: list[dict[str, Any]] = []
         with reporter.progress(task, total=len(items), unit="items") as bar:
             if kind in ("multiple_choice", "loglikelihood"):
@@ -382,6 +422,19 @@ def evaluate(
                             **d,
                         }
                     )
+            elif kind == "chat":
+                if prompts is None:
+                    prompts = ChatPrompts.of(lm.folder_tokenizer)
+                    for note in prompts.notes:
+                        reporter.log(note)
+                per, details = run_chat(
+                    lm,
+                    items,
+                    prompts,
+                    max_gen_tokens=chat_max_gen_tokens,
+                    batch_size=batch_size,
+                    progress=bar,
+                )
             else:
                 responses = lm.generate_until(
                     [it.prompt or "" for it in items],
@@ -405,6 +458,22 @@ def evaluate(
                     )
         if not items:
             raise InputError(f"{task}: no items to score")
+        vs_base = None
+        if kind == "chat":
+            assert prompts is not None
+            if base is not None:
+                if base_lm is None:
+                    base_lm = base if isinstance(base, EvalLM) else EvalLM.from_folder(base)
+                    base_lm.name = base_name or base_lm.name
+                    results["base_model"] = base_lm.name
+                base_per, base_details = _run_base(
+                    base_lm, items, prompts, task, chat_max_gen_tokens, batch_size, reporter
+                )
+                vs_base = {m: _paired(per[m], base_per[m]) for m in base_per}
+                per.update({f"base_{m}": v for m, v in base_per.items()})
+                details = [{**d, **b} for d, b in zip(details, base_details, strict=True)]
+            for item, d in list(zip(items, details, strict=True))[:samples_to_keep]:
+                task_samples.append(_chat_sample(item, d))
         seconds = time.perf_counter() - t0
         entry = {
             "kind": kind,
@@ -415,6 +484,8 @@ def evaluate(
         }
         if kind == "loglikelihood":  # lambada: lm-eval's perplexity aggregation, exp(-mean logprob)
             entry["metrics"]["perplexity"] = math.exp(-float(np.mean([ll.logprob for ll in lls])))
+        if vs_base is not None:
+            entry["vs_base"] = vs_base
         groups = _groups(items, per, task)
         if groups:
             entry["groups"] = groups
@@ -425,6 +496,42 @@ def evaluate(
     if out_dir is not None:
         write_results(results, samples, out_dir)
     return results
+
+
+def _run_base(
+    base_lm: EvalLM,
+    items: list[T.Item],
+    prompts: ChatPrompts,
+    task: str,
+    max_gen_tokens: int,
+    batch_size: int,
+    reporter: Reporter,
+) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
+    """The base model asked exactly as the evaluated one: its prompts rendered with the same template."""
+    base_prompts = ChatPrompts.of(base_lm.folder_tokenizer, prompts.template, whose="the evaluated model's")
+    for note in base_prompts.notes:
+        reporter.log(f"base model: {note}")
+    with reporter.progress(f"{task} (base)", total=len(items), unit="items") as bar:
+        per, details = run_chat(
+            base_lm, items, base_prompts, max_gen_tokens=max_gen_tokens, batch_size=batch_size, progress=bar
+        )
+    return per, [
+        {f"base_{k}": v for k, v in d.items() if k != "rendered" or v != prompts.render(item)}
+        for item, d in zip(items, details, strict=True)
+    ]
+
+
+def _paired(values: list[float], base_values: list[float]) -> dict[str, float | None]:
+    """Mean of the per-item differences from the base model, and its standard error (the paired
+    test: items both models get right or wrong cancel out, so it is tighter than either stderr)."""
+    diff = [a - b for a, b in zip(values, base_values, strict=True)]
+    return {"delta": float(np.mean(diff)), "stderr": stderr_of(diff)}
+
+
+def _chat_sample(item: T.Item, details: dict[str, Any]) -> dict[str, Any]:
+    answers = {"answer": item.answer} if len(item.answers) <= 1 else {"answers": list(item.answers)}
+    system = {"system": item.system} if item.system is not None else {}
+    return {**system, "prompt": item.prompt, **answers, **item.extra, **details}
 
 
 class _Scaled:

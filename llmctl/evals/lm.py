@@ -3,6 +3,7 @@
     lm = EvalLM.from_folder("workspace/artifacts/pretrain/v0003")     # any HF-Llama model folder
     lm.loglikelihood([("Question: 2+2?\nAnswer:", " 4")])              # [LogLik(logprob, is_greedy)]
     lm.generate_until(["Question: ...\nAnswer:"], until=("Question:",), max_gen_tokens=256)
+    lm.generate_tokens([prompt_ids], max_gen_tokens=32)                # [Completion] (chat tasks)
 
 Tokenization follows lm-evaluation-harness exactly (`_encode_pair`): trailing spaces of the context
 move onto the continuation, context+continuation is encoded whole, and the continuation's tokens are
@@ -33,7 +34,7 @@ import torch
 
 from llmctl.errors import InputError
 from llmctl.model.checkpoint import load_model_folder
-from llmctl.model.engine import Engine, SamplingParams
+from llmctl.model.engine import Completion, Engine, SamplingParams
 from llmctl.model.transformer import Transformer
 from llmctl.reporting import ProgressTask
 from llmctl.threads import apply_threads, choose_threads
@@ -81,6 +82,7 @@ class EvalLM:
         eos_id: int | None,
         stop_ids: tuple[int, ...] | None = None,  # default: EOS; from a folder: its loader's decision
         name: str = "model",
+        folder_tokenizer=None,  # hf_tokenizer.FolderTokenizer: chat template and specials (chat tasks)
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -90,6 +92,7 @@ class EvalLM:
             tuple(stop_ids) if stop_ids is not None else tuple(t for t in (eos_id,) if t is not None)
         )
         self.name = name
+        self.folder_tokenizer = folder_tokenizer
         self.max_length = model.config.max_seq_len
         prefix = bos_id if bos_id is not None else eos_id
         assert prefix is not None, "a model needs a BOS or EOS token to score empty contexts"
@@ -113,6 +116,7 @@ class EvalLM:
             eos_id=tok.eos_id,
             stop_ids=tok.stop_ids,
             name=str(folder),
+            folder_tokenizer=tok,
         )
 
     # -- tokenization ----------------------------------------------------------------------------
@@ -289,33 +293,58 @@ class EvalLM:
     ) -> list[str]:
         """Greedy continuations of each prompt, cut before the first stop string (lm-eval's
         `generate_until`: prompts are cut from the left to leave room for max_gen_tokens)."""
-        if max_gen_tokens >= self.max_length:
-            raise InputError(
-                f"max_gen_tokens ({max_gen_tokens}) must be below the model's context ({self.max_length})",
-                hint="lower eval.max_gen_tokens",
-            )
+        self._check_room(max_gen_tokens)
+        keep = self.max_length - max_gen_tokens
+        completions = self.generate_tokens(
+            [self.encode(p)[-keep:] for p in prompts],
+            max_gen_tokens=max_gen_tokens,
+            stop_strings=until,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        out = []
+        for c in completions:
+            text = c.text or ""
+            for s in until:  # the engine cuts at stop strings; this also covers decode edge cases
+                text = text.split(s)[0] if s else text
+            out.append(text)
+        return out
+
+    def generate_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_gen_tokens: int,
+        stop_strings: Sequence[str] = (),
+        batch_size: int = 16,
+        progress: ProgressTask | None = None,
+    ) -> list[Completion]:
+        """Greedy generation from token-id prompts with the engine `llmctl generate`/`chat` use,
+        stopping at the model's stop ids (and `stop_strings`); prompts batched longest first."""
+        self._check_room(max_gen_tokens)
         engine = Engine(self.model, decode=self.decode)
         params = SamplingParams(
             max_new_tokens=max_gen_tokens,
             temperature=0.0,
             stop_token_ids=self.stop_ids,
-            stop_strings=tuple(until),
+            stop_strings=tuple(stop_strings),
         )
-        keep = self.max_length - max_gen_tokens
-        encoded = [self.encode(p)[-keep:] for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        out: list[str] = [""] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        out: list[Completion | None] = [None] * len(prompts)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            completions = engine.generate([encoded[i] for i in chunk], params)
-            for i, c in zip(chunk, completions, strict=True):
-                text = c.text or ""
-                for s in until:  # the engine cuts at stop strings; this also covers decode edge cases
-                    text = text.split(s)[0] if s else text
-                out[i] = text
+            for i, c in zip(chunk, engine.generate([prompts[i] for i in chunk], params), strict=True):
+                out[i] = c
             if progress is not None:
                 progress.advance(len(chunk))
-        return out
+        return out  # type: ignore[return-value]
+
+    def _check_room(self, max_gen_tokens: int) -> None:
+        if max_gen_tokens >= self.max_length:
+            raise InputError(
+                f"max_gen_tokens ({max_gen_tokens}) must be below the model's context ({self.max_length})",
+                hint="lower eval.max_gen_tokens (eval.chat_max_gen_tokens for chat tasks)",
+            )
 
     # -- token losses ----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -9,7 +9,9 @@ changes whenever one of them changes here.
 
 Kinds: `multiple_choice` (one log-likelihood request per choice; acc and, where lm-eval reports
 it, acc_norm = argmax of logprob / len(choice text)), `loglikelihood` (lambada: acc = the target is
-the greedy continuation, plus perplexity), `generate` (greedy generation then answer extraction).
+the greedy continuation, plus perplexity), `generate` (greedy generation then answer extraction),
+`chat` (the prompt as one user turn through the model's chat template, greedy generation until its
+end-of-turn token, exact match and contains against the answers; llmctl/evals/chat.py runs it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from llmctl.errors import ConfigError, InputError
 
 PROMPT_VERSION = "lm-eval-0.4"
 
-Kind = Literal["multiple_choice", "loglikelihood", "generate", "perplexity"]
+Kind = Literal["multiple_choice", "loglikelihood", "generate", "perplexity", "chat"]
 
 # lm-eval's MMLU subject -> category mapping (lm_eval/tasks/mmlu/_generate_configs.py).
 MMLU_SUBJECTS: dict[str, str] = {
@@ -82,6 +84,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("gsm8k", "generate", "test", "train", 5),
         TaskSpec("perplexity", "perplexity"),
         TaskSpec("world_mc", "multiple_choice"),
+        TaskSpec("world_chat", "chat"),
     )
 }
 
@@ -89,7 +92,8 @@ TASKS: dict[str, TaskSpec] = {
 @dataclass(frozen=True)
 class Item:
     """One scored example. Multiple choice: `requests` holds one (context, continuation) per choice
-    and `choice_lengths` the lengths acc_norm divides by; generation: `prompt` and `answer`."""
+    and `choice_lengths` the lengths acc_norm divides by; generation: `prompt` and `answer`; chat:
+    `prompt` (the user's turn), `system`, and `answers` (any one counts)."""
 
     requests: tuple[tuple[str, str], ...] = ()
     gold: int | None = None
@@ -100,6 +104,9 @@ class Item:
     until: tuple[str, ...] = ()
     match: str = "exact"  # generation: exact | regex | gsm8k
     pattern: str | None = None
+    answers: tuple[str, ...] = ()
+    system: str | None = None
+    where: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -460,6 +467,61 @@ def build_custom_generative(rows: list[dict[str, Any]], source: str, until: tupl
                 raise row.fail(f"'pattern' is not a valid regular expression: {e}") from None
         items.append(Item(prompt=prompt, answer=answer, until=until, match=match, pattern=pattern))
     return items
+
+
+CHAT_SCHEMA = "{prompt, answer: a text or a list of texts (any one counts), system (optional)}"
+_TRAILING_PUNCTUATION = ".,;:!?\"'"
+
+
+def build_chat(rows: list[dict[str, Any]], source: str) -> list[Item]:
+    """Rows {"prompt", "answer" (text or list of texts), "system"}: the prompt becomes the user's turn
+    (after the system prompt, when given). Other scalar fields (subject, relation) go to the samples;
+    `group` or `relation` groups the scores."""
+    items = []
+    for data in rows:
+        row = Row({"_file": source, **data}, source, CHAT_SCHEMA)
+        answer = row.get("answer")
+        answers = [answer] if isinstance(answer, str) else row.texts("answer")
+        if not answers or not all(normalize_answer(a) for a in answers):
+            raise row.fail(f"'answer' must hold a non-empty text, got {answer!r:.60}")
+        system = row.text("system") if data.get("system") is not None else None
+        extra = {
+            k: v
+            for k, v in data.items()
+            if not k.startswith("_")
+            and k not in ("prompt", "answer", "system")
+            and isinstance(v, str | int | float)
+        }
+        items.append(
+            Item(
+                prompt=row.text("prompt"),
+                answer=answers[0],
+                answers=tuple(answers),
+                system=system,
+                group=data.get("group") or data.get("relation"),
+                match="chat",
+                where=row.where,
+                extra=extra,
+            )
+        )
+    return items
+
+
+def normalize_answer(text: str) -> str:
+    """Case-folded, whitespace runs made single spaces, trailing punctuation and spaces removed."""
+    return " ".join(text.casefold().split()).rstrip(_TRAILING_PUNCTUATION + " ")
+
+
+def score_chat(item: Item, response: str) -> dict[str, float]:
+    """exact_match: the normalized response equals a normalized answer; contains: a normalized
+    answer occurs in the normalized response as whole words ("Ostrin." in "The capital is Ostrin.",
+    not "Ost" in "Ostrin")."""
+    got = normalize_answer(response)
+    wanted = [normalize_answer(a) for a in item.answers or (item.answer or "",)]
+    return {
+        "exact_match": float(got in wanted),
+        "contains": float(any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", got) for a in wanted if a)),
+    }
 
 
 def check_shots(task: str, shots: int) -> None:
