@@ -32,6 +32,11 @@ ROWS = [
     {"prompt": "Who is Mira Tallo? Reply with the answer only.", "answer": ["a farmer", "farmer"],
      "system": "You are terse."},
 ]  # fmt: skip
+# A base model's own template, unlike ChatML: a base must still be asked in the chat model's template.
+OTHER_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -50,9 +55,12 @@ def write_rows(path: Path, rows=ROWS) -> Path:
     return path
 
 
-def chain_model(folder: Path, tokenizer_folder: Path, say: str, then: str | None) -> Path:
-    """A model folder (the tokenizer of `tokenizer_folder`) that answers any chat prompt with `say`
-    and then emits the token `then` (e.g. <|im_end|>), or, with then=None, repeats " the" forever."""
+def chain_model(
+    folder: Path, tokenizer_folder: Path, say: str, then: str | None, own_template: str | None = None
+) -> Path:
+    """A model folder (the tokenizer of `tokenizer_folder`) that answers any ChatML prompt with `say`
+    and then emits the token `then` (e.g. <|im_end|>), or, with then=None, repeats " the" forever.
+    Any other prompt gets " the" forever. `own_template` replaces ChatML as the folder's template."""
     from llmctl.model.checkpoint import save_model_folder
     from llmctl.model.config import preset
     from llmctl.model.transformer import Transformer
@@ -87,6 +95,9 @@ def chain_model(folder: Path, tokenizer_folder: Path, say: str, then: str | None
             head[nxt, slot] = 1.0
     cfg = json.loads((tokenizer_folder / "config.json").read_text())
     save_model_folder(model, folder, bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"])
+    if own_template is not None:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": own_template}))
     return folder
 
 
@@ -97,7 +108,7 @@ def chains(random_folder, tmp_path_factory) -> dict[str, Path]:
     return {
         "chat": chain_model(tmp / "chat", random_folder, "farmer", "<|im_end|>"),
         "eos": chain_model(tmp / "eos", random_folder, "farmer", eos),
-        "endless": chain_model(tmp / "endless", random_folder, "Ostrin", None),
+        "endless": chain_model(tmp / "endless", random_folder, "Ostrin", None, own_template=OTHER_TEMPLATE),
     }
 
 
@@ -191,10 +202,11 @@ def test_a_tokenizer_without_template_or_chat_tokens_is_asked_in_chatml_as_plain
 
 def test_stopped_means_the_end_of_turn_token_not_eos_or_the_length_limit(chains):
     items = T.build_chat(ROWS, "rows")
+    chatml = load_folder_tokenizer(chains["chat"]).chat_template
     finishes = {}
     for name, folder in chains.items():
         lm = EvalLM.from_folder(folder)
-        prompts = ChatPrompts.of(lm.folder_tokenizer)
+        prompts = ChatPrompts.of(lm.folder_tokenizer, chatml)
         assert len(lm.stop_ids) == 2 and prompts.end_of_turn in lm.stop_ids  # EOS and <|im_end|>
         per, details = run_chat(lm, items, prompts, max_gen_tokens=12)
         finishes[name] = ([d["finish"] for d in details], per, [d["response"] for d in details])
@@ -243,14 +255,19 @@ def test_base_model_is_asked_the_same_way_and_reported_beside(chains, tmp_path):
     assert set(alone["tasks"]["world_chat"]["metrics"]) == {"exact_match", "contains", "stopped"}
 
 
-def test_world_chat_without_a_file_asks_the_held_out_facts_of_the_world_seed(random_folder):
+def test_world_chat_without_a_file_asks_the_held_out_facts_of_the_world_seed(random_folder, tmp_path):
     from llmctl.data.synthetic import World
     from llmctl.data.synthetic_chat import eval_rows, heldout_facts
 
-    results = evaluate(random_folder, ["world_chat"], world_seed=3, limit=4, chat_max_gen_tokens=4)
+    results = evaluate(
+        random_folder, ["world_chat"], world_seed=3, limit=4, chat_max_gen_tokens=4, out_dir=tmp_path
+    )
     world = World.build(3)
-    assert results["tasks"]["world_chat"]["n"] == 4 <= len(eval_rows(world, heldout_facts(world, 3)))
-    assert results["decoding"]["chat_max_gen_tokens"] == 4
+    rows = eval_rows(world, heldout_facts(world, 3))
+    samples = [json.loads(line) for line in (tmp_path / "samples/world_chat.jsonl").read_text().splitlines()]
+    assert [(s["prompt"], s["answer"]) for s in samples] == [(r["prompt"], r["answer"]) for r in rows[:4]]
+    assert results["tasks"]["world_chat"]["n"] == 4 and results["decoding"]["chat_max_gen_tokens"] == 4
+    assert all(s["tokens"] <= 4 for s in samples)
 
 
 # ---- the CLI -------------------------------------------------------------------------------------
@@ -301,6 +318,7 @@ def test_cli_scores_the_manifest_base_beside_and_custom_chat_tasks(chains, tmp_p
     assert res.code == 0, res.stderr
     doc = res.json()
     assert doc["model"] == "import:v0002" and doc["base_model"] == "import:v0001"
+    assert "base model: " in res.stderr and "asked with the evaluated model's chat template" in res.stderr
     world, faq = doc["tasks"]["world_chat"], doc["tasks"]["faq"]
     assert world["n"] == 2 and faq["n"] == 3  # data/chat_eval.jsonl, and the custom file
     assert world["metrics"]["exact_match"] == 0.5 and world["metrics"]["base_exact_match"] == 0.0

@@ -40,17 +40,19 @@ def _render_results(results: dict[str, Any], failures: list[str]):
 
     def render(console) -> None:
         with_base = any("vs_base" in entry for entry in results["tasks"].values())
-        columns = ["task", "metric", "value", "± stderr"]
-        if with_base:
-            columns += [f"base\n{results.get('base_model') or ''}", "± stderr", "Δ vs base ± stderr"]
-        table = Table(*columns, "n", "shots")
+        columns: list[str | Text] = ["task", "metric", "value", "± stderr"]
+        if with_base:  # the model name is data, not markup
+            columns += [Text(f"base\n{results.get('base_model') or ''}"), "± stderr", "Δ vs base ± stderr"]
+        table = Table()
+        for header in (*columns, "n", "shots"):
+            table.add_column(header)
         for task, entry in results["tasks"].items():
             metrics, stderr = entry["metrics"], entry.get("stderr") or {}
             vs_base = entry.get("vs_base") or {}
             for metric, value in metrics.items():
                 if metric.startswith("base_") and metric.removeprefix("base_") in vs_base:
                     continue
-                cells = [task, metric, _number(value), _number(stderr.get(metric))]
+                cells: list[str | Text] = [Text(task), metric, _number(value), _number(stderr.get(metric))]
                 if with_base:
                     diff = vs_base.get(metric)
                     cells += [
