@@ -200,3 +200,44 @@ def test_every_rank_gets_the_job_or_hears_there_is_none(toy):
     doc = json.loads(forced.stdout)
     assert doc["artifact"] == "toyddp:v0002" and doc["inputs"] == {"init": "toyddp:v0001"}
     assert doc["metrics"]["markers"] == ["rank0.txt", "rank1.txt"]
+
+
+def _launch_on_rank(rank: int, world: int, port: int, site: str, project: str, out: str) -> None:
+    """One rank of a process group started without torchrun (whose agent would stop the others)."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    sys.path.insert(0, site)  # the plugin registers toyddp through its entry point
+    from llmctl.config.loading import load_config
+    from llmctl.stages.launch import Launch, launch_stage
+    from llmctl.stages.registry import project_model
+
+    folder = Path(project)
+    config = load_config(
+        project_model(), folder / "llmctl.yaml", ["toyddp.device=cpu"], context={"base_dir": folder}
+    )
+    try:
+        launch_stage("toyddp", config, folder, launch=Launch(), argv=[], refs={"init": "toyddp:v0042"})
+    except Exception as exc:
+        Path(out, f"rank{rank}").write_text(f"{type(exc).__name__} {getattr(exc, 'exit_code', None)}")
+
+
+def test_ranks_hear_that_rank_zero_failed_and_exit_with_its_code(toy, plugin_path, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    mp.spawn(_launch_on_rank, args=(2, port, plugin_path, str(toy.project), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "rank0").read_text() == "InputError 2"  # unknown reference: exit code 2
+    assert (tmp_path / "rank1").read_text() == "RankZeroFailed 2"  # told, not a broken connection
+    assert time.monotonic() - t0 < PROMPT_S and not toy.runs()
