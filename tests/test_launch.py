@@ -154,6 +154,8 @@ def test_a_distributed_stage_gets_the_launch_flags_and_fails_before_any_process(
     assert bad.code == 2 and bad.stderr.count("Error:") == 1, bad.stderr
     assert "does not split over 4 processes" in bad.stderr
     assert toy.processes_started() == 0 and not toy.runs()
+    zero = toy.cli("toyddp", "--gpus", "0")
+    assert zero.code == 2 and "--gpus and --nodes must be >= 1" in zero.stderr
     # The device flag is validated like --set, and a missing GPU is named by the stage's own key.
     assert toy.cli("toyddp", "--device", "tpu").code == 2
     missing = toy.cli("toyddp", "--device", "cuda")

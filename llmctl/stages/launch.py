@@ -193,8 +193,8 @@ def _lead(
 
     def tell(message: Job | UpToDate | FailedBeforeStart) -> None:
         nonlocal told
+        told = True  # once, even if the broadcast itself fails
         D.broadcast_object(message)
-        told = True
 
     def start(ctx: StageContext) -> None:
         tell(Job(str(ctx.run_dir), dict(ctx.inputs), dict(ctx.input_ids), ctx.resumed, dict(ctx.options)))

@@ -82,11 +82,9 @@ def relaunch_command(argv: list[str], options: dict[str, Any]) -> list[str] | No
     """
     gpus = int(options.get("gpus") or 1)
     nodes = int(options.get("nodes") or 1)
-    if gpus < 1 or nodes < 1:
-        raise UsageError(f"--gpus and --nodes must be >= 1 (got {gpus}, {nodes})")
+    check_launch(gpus, nodes, options.get("device") or "auto")
     if gpus == 1 and nodes == 1:
         return None
-    check_launch(gpus, nodes, options.get("device") or "auto")
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if nodes == 1:
         cmd.append("--standalone")
@@ -132,6 +130,8 @@ def check_launch(gpus: int, nodes: int, device: str = "auto") -> None:
     `--gpus N` means N GPUs: without CUDA it is an error (silently running N CPU processes hid a
     missing driver), unless CPU processes are asked for explicitly with device cpu.
     """
+    if gpus < 1 or nodes < 1:
+        raise UsageError(f"--gpus and --nodes must be >= 1 (got {gpus}, {nodes})")
     if gpus * nodes <= 1 or device == "cpu":
         return
     if not torch.cuda.is_available():
