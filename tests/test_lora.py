@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from llmctl.model.config import preset
-from llmctl.model.lora import add_lora, lora_layers, merge_lora, save_peft_adapter
+from llmctl.model.lora import (
+    add_lora,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    save_peft_adapter,
+    split_lora_state,
+)
 from llmctl.model.transformer import Transformer
 
 
@@ -50,6 +57,10 @@ def test_merged_weights_equal_w_plus_scaled_b_a():
     x = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         adapted_logits = model(x)
+    plain, adapter = split_lora_state(model.state_dict(), scaling=16 / 4)
+    assert len(adapter) == 2 * len(layers) and all(k.startswith("base_model.model.") for k in adapter)
+    for name, weight in expected.items():
+        torch.testing.assert_close(plain[f"{name}.weight"], weight, atol=1e-6, rtol=0)
     merge_lora(model)
     assert not lora_layers(model)
     state = model.state_dict()
@@ -69,7 +80,9 @@ def test_peft_loads_the_adapter_onto_the_hf_model(tmp_path):
     save_model_folder(model, tmp_path / "base")
     add_lora(model, rank=4, alpha=8, dropout=0.1, targets=("q_proj", "k_proj", "up_proj"))
     _randomize_adapters(model)
-    save_peft_adapter(model, tmp_path / "adapter", rank=4, alpha=8, dropout=0.1, base_model=None)
+    save_peft_adapter(
+        tmp_path / "adapter", lora_state_dict(model), rank=4, alpha=8, dropout=0.1, base_model=None
+    )
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()

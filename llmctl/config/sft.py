@@ -22,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llmctl.config.base import Section
 from llmctl.config.data import HF_DATASETS_PREFIX, HF_PREFIX
+from llmctl.config.training import TrainingConfig
 
 DEFAULT_VAL_FRACTION = 0.05
 
@@ -104,9 +105,71 @@ class ChatDataConfig(Section):
         return self
 
 
-class SftConfig(Section):
-    """Supervised fine-tuning of a model on conversations."""
+class LoraConfig(Section):
+    """Low-rank adapters instead of full fine-tuning (llmctl.model.lora)."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters (the base weights stay frozen).")
+    rank: int = Field(16, ge=1, description="Adapter rank r.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is (alpha / r) B A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear layers to adapt, by the last part of their name.",
+    )
+
+
+class SftConfig(TrainingConfig):
+    """Supervised fine-tuning of a model on conversations: a chat model (full or LoRA)."""
 
     data: ChatDataConfig | None = Field(
         None, description="Chat data: sources, what to do with malformed records, the val split."
     )
+    model: str | None = Field(
+        None,
+        description="Model artifact to fine-tune (e.g. 'pretrain:latest', 'import:latest', a path); "
+        "null = the newest model made before sft in pipeline order.",
+    )
+    seq_len: int | None = Field(
+        None,
+        ge=8,
+        description="Tokens per training row; null = the base model's pretraining seq_len when its "
+        "manifest has one, else min(max_seq_len, 2048).",
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Rows per forward/backward pass on each device.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Rows per optimizer step over all processes; grad_accum = batch_size / "
+        "(micro_batch_size * world_size) must be an integer.",
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="Horizon in passes over the training rows (default 3 when no horizon is set)."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Horizon in optimizer steps (instead of epochs).")
+    packing: Literal["packed", "padded"] = Field(
+        "packed",
+        description="packed: several conversations per row, no attention across them (positions restart); "
+        "padded: one conversation per row, padded to the longest in the micro-batch.",
+    )
+    assistant_turns: Literal["all", "last"] = Field(
+        "all", description="Which assistant turns carry loss: all of them, or only the last."
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also train on system/user tokens (loss on the whole conversation)."
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="A conversation longer than seq_len is cut to seq_len, or dropped (counted)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (off: full fine-tuning).")
+    eval_every: int = Field(50, ge=0, description="Val loss every N steps (and at the end); 0 = end only.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Save a resumable checkpoint every N steps; 0 = only on interrupt."
+    )
+    log_every: int = Field(5, ge=1, description="Write a metrics.jsonl line every N steps.")
+
+    @model_validator(mode="after")
+    def _one_horizon(self) -> SftConfig:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("set epochs or max_steps, not both")
+        return self

@@ -34,10 +34,11 @@ class OptimizerConfig(Section):
     fused: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused AdamW kernel: auto = on CUDA, off on CPU (where it is not faster)."
     )
-    schedule: Literal["cosine", "wsd"] = Field(
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = Field(
         "cosine",
         description="cosine: linear warmup then cosine decay to min_lr_ratio * lr. wsd: warmup, constant, "
-        "then linear decay to min_lr_ratio * lr over the last decay_fraction of steps.",
+        "then linear decay to min_lr_ratio * lr over the last decay_fraction of steps. linear: warmup, then "
+        "linear decay to min_lr_ratio * lr. constant: warmup, then lr.",
     )
     warmup_steps: int = Field(
         20, ge=0, description="Linear warmup steps from 0 to lr (capped at the horizon)."

@@ -276,11 +276,27 @@ def _message(m: Any, i: int) -> dict[str, Any]:
 # reading files (found and opened by llmctl.data.sources)
 
 
-def _chat_files(source: ChatSourceConfig, base_dir: Path, index: int, key: str) -> list[_File]:
-    as_source = SourceConfig(
+def _as_source(source: ChatSourceConfig) -> SourceConfig:
+    return SourceConfig(
         path=source.path, format=source.format, subset=source.subset, split=source.split, limit=source.limit
     )
-    files = _resolve_files(as_source, base_dir, index, key)
+
+
+def chat_fingerprint(cfg: ChatDataConfig, base_dir: Path) -> list[dict[str, Any]]:
+    """What identifies the chat data (files by path, size and mtime; hub datasets by revision), so a
+    stage that read it can tell when it changed; the same entries pretraining sources give."""
+    from types import SimpleNamespace
+
+    from llmctl.data.sources import source_fingerprint
+
+    sources = [_as_source(s) for s in [*cfg.sources, *(cfg.val_sources or [])]]
+    return [
+        {"chat": True, **entry} for entry in source_fingerprint(SimpleNamespace(sources=sources), base_dir)
+    ]
+
+
+def _chat_files(source: ChatSourceConfig, base_dir: Path, index: int, key: str) -> list[_File]:
+    files = _resolve_files(_as_source(source), base_dir, index, key)
     chat_files = [f for f in files if f.format in ("jsonl", "parquet")]  # .txt files hold no records
     if not chat_files:
         raise InputError(

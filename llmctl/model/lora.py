@@ -4,8 +4,9 @@ so training starts exactly at the base model.
 
     adapted = add_lora(model, rank=16, alpha=32, dropout=0.05, targets=("q_proj", "v_proj"))
     ...train (only lora_A / lora_B require grad)...
-    save_peft_adapter(model, folder, base_model="pretrain:v0003")   # PEFT's adapter format
-    merge_lora(model)                                                 # W += (alpha/r) B A; plain again
+    plain, adapter = split_lora_state(full_state_dict, scaling=alpha / rank)  # W + (alpha/r) B A
+    save_peft_adapter(folder, adapter, rank=16, alpha=32, dropout=0.05, base_model="pretrain:v0003")
+    merge_lora(model)                                                 # the same, in place
 
 Why our own module rather than peft: the model is ours and stays a plain module tree, so the A and B
 matrices hang off the adapted `nn.Linear` as children (`...q_proj.lora_A.weight`) and every other
@@ -75,23 +76,49 @@ def add_lora(
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's keys (`base_model.model.<layer>.lora_A.weight`)."""
-    out = {}
-    for name, layer in lora_layers(model).items():
-        for part in ("lora_A", "lora_B"):
-            weight = getattr(layer, part).weight
-            out[f"base_model.model.{name}.{part}.weight"] = weight.detach().cpu().contiguous()
-    return out
+    """The adapter tensors of a model under PEFT's keys (`base_model.model.<layer>.lora_A.weight`)."""
+    return {
+        f"base_model.model.{k}": v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if ".lora_" in k
+    }
+
+
+def split_lora_state(
+    state: dict[str, torch.Tensor], scaling: float
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(plain state dict with every W + scaling * B A merged in, adapter tensors under PEFT's keys).
+
+    Works on a full state dict (e.g. gathered from DDP/FSDP), so the adapted model itself is untouched."""
+    merged, adapter = {}, {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            adapter[f"base_model.model.{key}"] = value.detach().cpu().contiguous()
+        else:
+            merged[key] = value
+    for key in [k for k in adapter if k.endswith(".lora_A.weight")]:
+        layer = key[len("base_model.model.") : -len(".lora_A.weight")]
+        a, b = adapter[key], adapter[f"base_model.model.{layer}.lora_B.weight"]
+        weight = merged[f"{layer}.weight"]
+        merged[f"{layer}.weight"] = weight + (b.to(weight) @ a.to(weight)) * scaling
+    return merged, adapter
 
 
 def save_peft_adapter(
-    model: nn.Module, folder: Path, *, rank: int, alpha: float, dropout: float, base_model: str | None
+    folder: Path,
+    adapter: dict[str, torch.Tensor],
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    base_model: str | None,
 ) -> None:
-    """`adapter_config.json` + `adapter_model.safetensors` as peft writes them for a LoRA adapter."""
+    """`adapter_config.json` + `adapter_model.safetensors` as peft writes them for a LoRA adapter
+    (`adapter`: PEFT-keyed tensors, from `lora_state_dict` or `split_lora_state`)."""
     from safetensors.torch import save_file
 
-    layers = lora_layers(model)
     folder.mkdir(parents=True, exist_ok=True)
+    targets = sorted({k.split(".lora_")[0].split(".")[-1] for k in adapter})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -99,7 +126,7 @@ def save_peft_adapter(
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": sorted({name.split(".")[-1] for name in layers}),
+        "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -109,7 +136,7 @@ def save_peft_adapter(
         "modules_to_save": None,
     }
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(lora_state_dict(model), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(adapter, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 @torch.no_grad()

@@ -64,6 +64,19 @@ register(
 )
 register(
     Stage(
+        name="sft",
+        description="Fine-tune a model on conversations into a chat model (full or LoRA), assistant-only loss.",
+        output_kind=MODEL,
+        sections=("sft",),
+        config="llmctl.config.sft:SftConfig",
+        command="llmctl.cli.sft:sft",
+        inputs=(InputSlot("model", (MODEL,), newest_in_pipeline=True, config_key="model"),),
+        keeps_run_dir=True,
+        distributed=True,
+    )
+)
+register(
+    Stage(
         name="eval",
         description="Score a model on benchmarks, custom tasks and perplexity.",
         output_kind=EVAL,

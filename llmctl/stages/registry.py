@@ -19,16 +19,19 @@ section has a `device` field (auto|cpu|cuda); its command gets `--gpus`, `--node
 `ctx.world_size`; only `ctx.is_main` writes files). Its module may define `preflight(section,
 world_size)` (or `preflight(section, world_size, inputs)`, inputs: the resolved artifacts by slot)
 raising ConfigError/InputError for a config that cannot work on that many processes: it runs once,
-before any process is launched.
+before any process is launched. A stage module may also define `skip_reason(section) -> str | None`:
+`llmctl run` leaves the stage out, saying why, for a project that does not configure it (sft without
+chat data).
 `llmctl run`, `run --from/--until`, command completion and the schema list every stage from here.
 Stages from other distributions register the same way from a module named by an entry point in the
 `llmctl.stages` group; it is imported after the built-in stages, so its stages come last.
 
 "The newest model" (any kind, in fact) is a rule, not a per-stage list: an input slot with
 `newest_in_pipeline` and no reference takes the newest artifact of its kinds in pipeline order,
-i.e. from the last stage in `stage_order()` that has one (after sft runs, the sft model; before,
-pretrain's). Stages outside the pipeline (`import`) come first in that order: an imported model is a
-starting point, so any model the pipeline trained is newer; name it (`import:latest`) to use it then.
+i.e. from the last stage in `stage_order()` that has one, among the stages before the consumer
+(eval after an sft run: the sft model; sft itself: pretrain's, never its own output). Stages outside
+the pipeline (`import`) come first in that order: an imported model is a starting point, so any
+model the pipeline trained is newer; name it (`import:latest`) to use it then.
 `latest` given to a model consumer (`--ckpt latest`) follows the same order (`Workspace.stage_order`).
 """
 
@@ -63,11 +66,16 @@ class InputSlot:
     config_key: str | None = None  # a field of the stage's section that may hold the reference
     newest_in_pipeline: bool = False  # default: the newest of `kinds` in pipeline order (see above)
 
-    def defaults(self) -> tuple[str, ...]:
-        """The stages whose newest artifact a reference-less input takes, first match wins."""
+    def defaults(self, consumer: str | None = None) -> tuple[str, ...]:
+        """The stages whose newest artifact a reference-less input takes, first match wins. For
+        `newest_in_pipeline`, only stages before the consumer in pipeline order count: sft's base
+        model is the newest model made before sft, never sft's own output."""
         if not self.newest_in_pipeline:
             return self.default_stages
-        return tuple(reversed([s for s in stage_order() if STAGES[s].output_kind in self.kinds]))
+        order = stage_order()
+        if consumer in order:
+            order = order[: order.index(consumer)]
+        return tuple(reversed([s for s in order if STAGES[s].output_kind in self.kinds]))
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,23 @@ class Stage:
 
     def _module(self) -> Any:
         return importlib.import_module(self.module or f"llmctl.stages.{self.name}")
+
+    def skip_reason(self, project: Any) -> str | None:
+        """Why `llmctl run` leaves this stage out for this project (its module's `skip_reason(section)`,
+        e.g. sft without chat data), or None to run it."""
+        module = importlib.import_module(self.module or f"llmctl.stages.{self.name}")
+        decide = getattr(module, "skip_reason", None)
+        section = getattr(project, self.sections[0], None) if self.sections else None
+        return decide(section) if decide is not None else None
+
+    def extra_sources(self, project: Any, project_dir: Any) -> list[dict[str, Any]]:
+        """Fingerprints of files the stage reads besides its input artifacts and data.sources (its
+        module's `source_fingerprint(section, project_dir)`, e.g. sft's chat data): part of the
+        reuse key, so changed files make the stage run again."""
+        module = importlib.import_module(self.module or f"llmctl.stages.{self.name}")
+        fingerprint = getattr(module, "source_fingerprint", None)
+        section = getattr(project, self.sections[0], None) if self.sections else None
+        return fingerprint(section, project_dir) if fingerprint is not None else []
 
     def config_model(self) -> type | None:
         return load_object(self.config) if self.config else None

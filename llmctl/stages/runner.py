@@ -92,7 +92,7 @@ def _default_ref(stage: Stage, slot: InputSlot, workspace: Workspace) -> str | N
     refuses it). A default stage that was run but never published (failed, interrupted, still
     running) stops the search: silently reading an older stage, or the raw sources, would feed this
     stage data the user did not mean."""
-    defaults = slot.defaults()
+    defaults = slot.defaults(stage.name)
     for name in defaults:
         if workspace.artifacts(name) or workspace.corrupt(name):
             return f"{name}:latest"
@@ -197,8 +197,10 @@ class StagePlan:
     def consumed(self) -> dict[str, str]:
         """What this stage reads, for run summaries: slot -> artifact id, or data.sources."""
         consumed = {r.slot: r.id for r in self.input_records}
-        if self.sources:
+        if any(not entry.get("chat") for entry in self.sources):
             consumed["sources"] = "data.sources"
+        if any(entry.get("chat") for entry in self.sources):
+            consumed["chat"] = f"{self.stage.name}.data"
         return consumed
 
 
@@ -228,6 +230,7 @@ def plan_stage(
                 hint="add `data: {sources: [{path: data/docs.jsonl}]}` to llmctl.yaml (see `llmctl init`)",
             )
         sources = source_fingerprint(project.data, project_dir)
+    sources += stage.extra_sources(project, project_dir)
     config = config_snapshot(stage, project, uses_sources, options)
     input_records = [
         workspace.input_record(slot, ref, art) for slot, ref in used_refs if (art := inputs[slot]) is not None
@@ -448,9 +451,13 @@ def run_pipeline(
     for i, name in enumerate(names, 1):
         reporter.log(f"[{i}/{len(names)}] {name}")
         stage = get_stage(name)
+        skip = stage.skip_reason(project)
+        if skip:
+            reporter.log(f"{name}: skipped ({skip})")
+            continue
         refs = {}
         for slot in stage.inputs:
-            upstream = next((s for s in slot.defaults() if s in produced), None)
+            upstream = next((s for s in slot.defaults(stage.name) if s in produced), None)
             if upstream is not None:
                 refs[slot.name] = produced[upstream].id
         outcome = run_stage(

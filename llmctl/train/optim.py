@@ -73,7 +73,7 @@ def lr_at(
     max_steps: int,
     lr: float,
     *,
-    schedule: Literal["cosine", "wsd"] = "cosine",
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine",
     warmup: int = 0,
     min_lr_ratio: float = 0.1,
     decay_fraction: float = 0.2,
@@ -83,7 +83,9 @@ def lr_at(
     - warmup: linear from lr/warmup at step 0 to lr at step warmup-1 (never 0: step 0 must learn);
     - cosine: from lr down to min_lr_ratio * lr at the last step (Loshchilov & Hutter 2016; GPT-3);
     - wsd (warmup-stable-decay, Hu et al. 2024 MiniCPM): constant lr, then linear decay to
-      min_lr_ratio * lr over the last decay_fraction of the steps.
+      min_lr_ratio * lr over the last decay_fraction of the steps;
+    - linear: from lr down to min_lr_ratio * lr at the last step (TRL/HF Trainer's default shape);
+    - constant: lr after warmup.
     """
     assert max_steps >= 1 and step >= 0, (step, max_steps)
     warmup = min(warmup, max_steps)
@@ -101,4 +103,9 @@ def lr_at(
             return lr
         progress = min(1.0, (step - decay_start + 1) / max(1, max_steps - decay_start))
         return lr + (floor - lr) * progress
+    if schedule == "linear":
+        span = max(1, max_steps - 1 - warmup)
+        return lr + (floor - lr) * min(1.0, (step - warmup) / span)
+    if schedule == "constant":
+        return lr
     raise AssertionError(f"unknown schedule {schedule!r}")

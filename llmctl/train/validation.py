@@ -8,8 +8,9 @@ validate(model)   # {"val_loss": 3.21, "val_bpb": 1.12}; the training loop calls
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch import nn
 from llmctl.data.loader import val_batches
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.train import distributed as D
+from llmctl.train.loop import LossFn
 
 
 def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
@@ -67,5 +69,23 @@ def token_validation(
         D.all_reduce(sums)
         bpb = float(sums[2] / (math.log(2) * sums[3])) if sums[3] > 0 else float("nan")
         return {"val_loss": float(sums[0] / sums[1]), "val_bpb": bpb}
+
+    return validate
+
+
+def loss_validation(
+    batches: Sequence[Any], loss_fn: LossFn, info: D.DistInfo
+) -> Callable[[nn.Module], dict[str, float]]:
+    """A validation hook: the loss function's mean over fixed held-out batches (each process takes
+    every world_size-th batch), weighted by units like training (trained tokens, pairs)."""
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+        for batch in batches[info.rank :: info.world_size]:
+            out = loss_fn(model, batch)
+            sums[0] += out.loss_sum.double()
+            sums[1] += out.units
+        D.all_reduce(sums)
+        return {"val_loss": float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")}
 
     return validate
