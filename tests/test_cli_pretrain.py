@@ -57,6 +57,30 @@ def test_pretrain_two_processes_through_torchrun(corpus_project):
     assert bad.stderr.count("Error:") == 1 and "torch.distributed" not in bad.stderr
     assert sorted((corpus_project / "workspace" / "runs" / "pretrain").glob("*")) == runs
 
+    # An init model whose vocabulary is not the tokenizer's: refused once, before any process starts.
+    other = _model_folder_with_vocab(corpus_project / "other-vocab", 700)
+    assert run_cli("import", str(other), cwd=corpus_project).code == 0
+    mismatch = run_cli(
+        "pretrain", "--gpus", "2", "--device", "cpu", "--init", "import:latest", *SMALL, cwd=corpus_project
+    )
+    assert mismatch.code == 2 and "vocab_size" in mismatch.stderr, mismatch.stderr[-2000:]
+    assert mismatch.stderr.count("Error:") == 1 and "torch.distributed" not in mismatch.stderr
+    assert sorted((corpus_project / "workspace" / "runs" / "pretrain").glob("*")) == runs
+
+
+def _model_folder_with_vocab(folder, vocab_size: int):
+    from llmctl.data.synthetic import iter_documents
+    from llmctl.data.tokenizer import train_tokenizer
+    from llmctl.model.checkpoint import save_model_folder
+    from llmctl.model.config import preset
+    from llmctl.model.transformer import Transformer
+
+    tok = train_tokenizer((d["text"] for d in iter_documents(300, seed=2)), vocab_size=vocab_size)
+    model = Transformer(preset("test-1m", vocab_size=tok.vocab_size))
+    save_model_folder(model, folder, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    tok.save(folder, model_max_length=model.config.max_seq_len)
+    return folder
+
 
 def test_pretrain_without_tokens_says_what_to_run(tmp_path):
     from conftest import write_project

@@ -12,10 +12,10 @@ from conftest import run_cli
 
 from llmctl.config.dedup import DedupConfig
 from llmctl.config.loading import load_config
-from llmctl.config.project import ProjectConfig
 from llmctl.config.tokenize import DEFAULT_SPECIAL_TOKENS
 from llmctl.project import get_template, list_templates, render_project_file
 from llmctl.stages.limits import Machine, check_limits
+from llmctl.stages.registry import project_model
 
 TEMPLATES = [t.name for t in list_templates()]
 _KEY = re.compile(r"^[a-z_]+:")
@@ -49,7 +49,7 @@ def commented_blocks(text: str) -> list[tuple[str, str, dict]]:
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_commented_out_keys_show_the_schema_defaults(name):
     text = render_project_file(get_template(name), "t")
-    defaults = ProjectConfig(name="t")
+    defaults = project_model()(name="t")
     for section, first, block in commented_blocks(text):
         model = type(getattr(defaults, section))
         assert set(block) <= set(model.model_fields), f"{name}: {section}: {first!r} names unknown keys"
@@ -73,7 +73,7 @@ def test_the_tiny_template_comments_quote_the_config():
     assert tuple(map(int, m.groups())) == (d.n_grams, d.bands, d.rows)
     specials = re.search(r"special tokens ((?:<\|\w+\|> ?)+)", text)
     assert specials is not None and specials.group(1).split() == DEFAULT_SPECIAL_TOKENS
-    cfg = load_config(ProjectConfig, None, defaults=yaml.safe_load(text))
+    cfg = load_config(project_model(), None, defaults=yaml.safe_load(text))
     pct = re.search(r"(\d+)% of documents \(by id hash\) go to val", text)
     assert pct is not None and int(pct.group(1)) / 100 == cfg.tokenize.val_fraction
 
@@ -100,5 +100,5 @@ def test_the_hub_and_gpu_template_does_not_suggest_a_plain_run(tmp_path):
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_templates_data_stages_fit_a_small_machine(name):
     text = render_project_file(get_template(name), "t")
-    project = load_config(ProjectConfig, None, defaults=yaml.safe_load(text))
+    project = load_config(project_model(), None, defaults=yaml.safe_load(text))
     check_limits(["dedup", "filter", "tokenize"], project, machine=Machine(cores=2, memory_bytes=4 * 1024**3))

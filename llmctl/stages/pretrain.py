@@ -104,9 +104,14 @@ def run(ctx) -> dict[str, Any]:
     return result.metrics
 
 
-def preflight(cfg: PretrainConfig, world_size: int) -> None:
-    """Checks that need only the config and the process count: run once before any process starts."""
+def preflight(cfg: PretrainConfig, world_size: int, inputs: dict[str, Any]) -> None:
+    """Checks of the config against the process count and the inputs, run once before any process
+    starts: a batch that does not split over the ranks, an init model whose vocabulary is not the
+    tokenizer's."""
     grad_accum_steps(cfg, world_size)
+    data, init = inputs.get("data"), inputs.get("init")
+    if data is not None and init is not None and (data.path / TOKENIZER_DIR).is_dir():
+        model_config_for(cfg, load_tokenizer(data.path / TOKENIZER_DIR).vocab_size, str(init.path))
 
 
 # ---- setup helpers -------------------------------------------------------------------------------
