@@ -217,3 +217,24 @@ def test_run_skips_sft_without_chat_data_and_the_cli_inspects_a_conversation(tmp
     untrained = "".join(t["text"] for t in data["tokens"] if not t["trained"])
     assert trained.endswith("<|im_end|>\n") and "<|im_start|>user" in untrained
     assert data["conversation"].endswith("chat.jsonl:1")
+
+
+@pytest.mark.slow
+def test_two_processes_through_the_cli(tmp_path, base_model, chat_dir):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "llmctl.yaml").write_text(
+        "name: t\n"
+        "sft:\n"
+        f"  data:\n    sources:\n      - path: {chat_dir / 'chat.jsonl'}\n"
+        "  seq_len: 128\n  micro_batch_size: 2\n  batch_size: 8\n  max_steps: 3\n  eval_every: 0\n"
+    )
+    assert run_cli("import", str(base_model), cwd=folder).code == 0
+    result = run_cli("sft", "--gpus", "2", "--device", "cpu", "--json", cwd=folder, timeout=600)
+    assert result.code == 0, result.stderr[-3000:]
+    doc = result.json()
+    assert doc["artifact"] == "sft:v0001" and doc["metrics"]["world_size"] == 2
+    assert doc["metrics"]["grad_accum"] == 2 and doc["metrics"]["steps"] == 3
+    # a batch that does not split over 3 processes is refused before any starts
+    bad = run_cli("sft", "--gpus", "3", "--device", "cpu", "--force", cwd=folder)
+    assert bad.code == 2 and "sft.batch_size" in bad.stderr and "torch.distributed" not in bad.stderr
