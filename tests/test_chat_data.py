@@ -390,7 +390,7 @@ def test_heldout_facts_are_never_asked_nor_stated(tmp_path: Path) -> None:
     chat_set = generate_chat(tmp_path, 2000, seed=0)
     world = World.build(0)
     heldout = set(chat_set.heldout)
-    assert 40 <= len(heldout) <= 50 and {r for _, r in heldout} == set(QUESTIONS)  # every relation
+    assert 65 <= len(heldout) <= 80 and {r for _, r in heldout} == set(QUESTIONS)  # every relation
     assert chat_set.heldout == heldout_facts(world, 0)
     kind_of = {s: k for k, names in world.entities.items() for s in names}
     rank = lambda s: world.entities[kind_of[s]].index(s) / len(world.entities[kind_of[s]])  # noqa: E731
@@ -473,10 +473,10 @@ def test_chat_eval_rows_and_the_template_config_read_clean(tmp_path: Path) -> No
     rows = [json.loads(line) for line in (tmp_path / "data" / CHAT_EVAL_FILE).read_text().splitlines()]
     assert [(r["subject"], r["relation"]) for r in rows] == chat_set.heldout
     assert all(r["answer"] == world.facts[(r["subject"], r["relation"])] for r in rows)
-    assert all(r["prompt"].endswith(ANSWER_ONLY[0]) for r in rows)
-    assert {r["prompt"].removesuffix(ANSWER_ONLY[0]) for r in rows} & {
-        p.format(s=r["subject"]) for r in rows for p in QUESTIONS[r["relation"]]
-    }  # training phrasings
+    assert not any(
+        r["prompt"].endswith(ANSWER_ONLY) for r in rows
+    )  # a plain question: answered in a sentence
+    assert all(r["prompt"] in {p.format(s=r["subject"]) for p in QUESTIONS[r["relation"]]} for r in rows)
     items = build_custom_generative(rows, "data/chat_eval.jsonl", ("\n",))  # llmctl's custom task reader
     assert [i.answer for i in items] == [r["answer"] for r in rows]
 

@@ -90,6 +90,13 @@ def test_sft_publishes_a_chat_model_whose_loss_fell(tmp_path, base_model, chat_d
     assert m["trainable_params"] == m["params"] and 0.5 < m["packing_efficiency"] <= 1
     assert m["data"]["train"] + m["data"]["val"] == 80 and m["val_loss"] is not None
     assert art.manifest.inputs[0].slot == "model"
+    # the newest model, for `--ckpt latest` and eval's default input, is now the chat model
+    from llmctl.stages.registry import STAGES
+    from llmctl.stages.runner import resolve_inputs, workspace_for
+
+    ws = workspace_for(project, folder)
+    assert ws.resolve("latest", kinds=("model",)).id == art.id
+    assert resolve_inputs(STAGES["eval"], ws, {})[0]["model"].id == art.id
 
 
 def test_lora_publishes_merged_weights_and_a_peft_adapter(tmp_path, base_model, chat_dir):

@@ -14,9 +14,11 @@ Conversations (OpenAI `messages`, plus `id` and `facts`: the [subject, relation]
 * a system prompt in about a third of them, some opening with a greeting.
 
 `chat_eval.jsonl` holds one row per held-out fact in llmctl's generative custom-task format:
-`{"prompt", "answer", "subject", "relation"}`, the prompt a question in a training phrasing that asks
-for the answer only and the answer the bare value, so exact match and contains both apply; most
-popular entities first. The same `seed` gives the same world, conversations and rows, byte for byte.
+`{"prompt", "answer", "subject", "relation"}`, the prompt a plain question in a training phrasing and
+the answer the bare value, scored by `contains` (a chat model answers in a sentence, as it was taught).
+Not the answer-only form: a bare value opens the turn with the word's no-space token, which a tiny
+model never saw in pretraining (" Ostrin" is one token, "Ostrin" other ones), so only a sentence lets
+pretraining knowledge come out. Most popular entities first. The same `seed` gives the same world, conversations and rows, byte for byte.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from llmctl.errors import InputError
 
 CHAT_FILE = "chat.jsonl"
 CHAT_EVAL_FILE = "chat_eval.jsonl"
-DEFAULT_HELDOUT_FRACTION = 0.25
+DEFAULT_HELDOUT_FRACTION = 0.4
 
 # Question phrasings per relation; {s} is the subject. Creatures and artifacts take "the".
 QUESTIONS: dict[str, tuple[str, ...]] = {
@@ -92,7 +94,7 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
         "Tell me what the {s} is made of.",
     ),
 }
-# Appended to a question to ask for the bare value; the eval prompts use the first one.
+# Appended to a question to ask for the bare value (in training conversations only).
 ANSWER_ONLY = (" Reply with the answer only.", " Just the answer, please.", " Answer in a few words.")
 ABOUT = ("Tell me about {s}.", "What do you know about {s}?")
 ABOUT_THE = ("Tell me about the {s}.", "What do you know about the {s}?")
@@ -238,12 +240,12 @@ def iter_conversations(
 
 
 def eval_rows(world: World, heldout: list[FactKey]) -> list[dict]:
-    """One generative eval row per held-out fact: a training phrasing that asks for the answer only
-    (phrasings taken in turn), the bare value as the answer."""
+    """One generative eval row per held-out fact: a training phrasing (phrasings taken in turn), the
+    bare value as the answer."""
     rows = []
     for i, (subject, relation) in enumerate(heldout):
         phrasings = QUESTIONS[relation]
-        prompt = phrasings[i % len(phrasings)].format(s=subject) + ANSWER_ONLY[0]
+        prompt = phrasings[i % len(phrasings)].format(s=subject)
         rows.append(
             {
                 "prompt": prompt,
