@@ -193,6 +193,18 @@ def test_rotary_and_swiglu_functions_match_autograd_of_plain_formulas():
         torch.testing.assert_close(
             torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(plain, inputs, grad)
         )
+    # Tables repeated per head, as the model passes them (k, with fewer heads, takes the first):
+    # the same values and gradients as the broadcast tables.
+    cos_h, sin_h = (t.expand(-1, -1, 3, -1).contiguous() for t in (cos, sin))  # (1, T, 3, hd)
+    per_head = RotaryFunction.apply(x, k, cos_h, sin_h)
+    broadcast = RotaryFunction.apply(x, k, cos, sin)
+    grads = [torch.randn_like(t) for t in broadcast]
+    for ours, plain in zip(per_head, broadcast, strict=True):
+        torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(per_head, (x, k), grads), torch.autograd.grad(broadcast, (x, k), grads)
+    )
+    assert torch.autograd.gradcheck(lambda x, k: RotaryFunction.apply(x, k, cos_h, sin_h), (x, k))
 
 
 def test_left_padded_batch_matches_unpadded_rows():

@@ -44,26 +44,31 @@ class RMSNormFunction(torch.autograd.Function):
 
     On CPU autograd runs the norm as a composite of ~6 ops and differentiates each one (pow, mean,
     rsqrt, two muls, and their backward muls/sums/divs): measured 3x slower forward+backward than
-    this at (16, 256, 384), and ~10% of a small-model training step. Saves xhat = x * rstd (instead
-    of x) and rstd; backward is gw = sum(g * xhat), gx = rstd * (g * w - xhat * mean(g * w * xhat)).
+    this at (16, 256, 384), and ~10% of a small-model training step. Forward reads x once for the
+    sum of squares (vector_norm, no (..., C) temporary) and writes y in one fresh buffer; it saves
+    x (alive anyway: the residual stream) and rstd. Backward, with t = g * x:
+    gw = t^T rstd and sum(g * w * x) = t @ w as two matrix-vector products, and
+    gx = rstd * g * w - x * rstd^3 * sum(g * w * x) / C.
     Any dtype/device works; the model uses it for fp32/fp64 CPU (see RMSNorm).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        xhat = x * rstd
-        ctx.save_for_backward(xhat, rstd, weight)
-        return xhat * weight
+        C = x.shape[-1]
+        # mean(x^2) as ||x||^2 / C: the same sum, without a buffer of squares
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(C).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, rstd, weight)
+        return torch.mul(x, rstd).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        xhat, rstd, weight = ctx.saved_tensors
-        g_xhat = grad * xhat
-        g_weight = g_xhat.reshape(-1, xhat.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        # mean over the last dim of g * w * xhat, as one matrix-vector product: (..., C) @ (C,)
-        dot = (g_xhat @ weight).unsqueeze(-1)
-        g_x = (grad * weight).addcmul_(xhat, dot, value=-1 / xhat.shape[-1]).mul_(rstd)
+        x, rstd, weight = ctx.saved_tensors
+        C = x.shape[-1]
+        t = (grad * x).reshape(-1, C)
+        rows = rstd.reshape(-1)
+        g_weight = t.T @ rows if ctx.needs_input_grad[1] else None  # sum over rows of g * xhat
+        scale = (t @ weight).mul_(rows.pow(3)).mul_(-1 / C).view_as(rstd)  # (..., 1)
+        g_x = (grad * weight).mul_(rstd).addcmul_(x, scale)
         return g_x, g_weight, None
 
 
@@ -148,13 +153,22 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate the (x1, x2) halves of the last dim of q and k ("rotate-half" layout, as HF Llama):
     [x1 cos - x2 sin, x2 cos + x1 sin] = x * cos + roll(x) * sin, with roll(x) = [x2, x1] and the
-    tables from rope_tables. q, k (B, T, heads, hd); cos/sin broadcastable to (B, T, 1, hd).
+    tables from rope_tables. q, k (B, T, heads, hd); cos/sin broadcastable to (B, T, 1, hd), or
+    (B, T, n_head, hd) per head (k, with fewer heads under GQA, takes the first n_kv_head).
     (3 ops instead of 7 for chunk/mul/cat: measured 3-10x faster forward+backward on CPU.)
     On CPU, RotaryFunction: roll is a copy through cat there (~1/3 of the rotary's time)."""
     if q.device.type == "cpu":
         return RotaryFunction.apply(q, k, cos, sin)
     half = q.shape[-1] // 2
-    return tuple(torch.addcmul(x * cos, x.roll(half, dims=-1), sin) for x in (q, k))
+    return tuple(
+        torch.addcmul(x * _first_heads(cos, x), x.roll(half, dims=-1), _first_heads(sin, x)) for x in (q, k)
+    )
+
+
+def _first_heads(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A rotary table (.., T, heads, hd) cut to x's heads (k has fewer under GQA); tables without a
+    heads dim, or with one of size 1, broadcast as they are."""
+    return table[..., : x.shape[-2], :] if table.dim() >= 3 else table
 
 
 def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
@@ -176,12 +190,14 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         ctx.save_for_backward(cos, sin)
-        return _rotate_halves(q, cos, sin, 1.0), _rotate_halves(k, cos, sin, 1.0)
+        cos_k, sin_k = _first_heads(cos, k), _first_heads(sin, k)
+        return _rotate_halves(q, cos, sin, 1.0), _rotate_halves(k, cos_k, sin_k, 1.0)
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return _rotate_halves(grad_q, cos, sin, -1.0), _rotate_halves(grad_k, cos, sin, -1.0), None, None
+        cos_k, sin_k = _first_heads(cos, grad_k), _first_heads(sin, grad_k)
+        return _rotate_halves(grad_q, cos, sin, -1.0), _rotate_halves(grad_k, cos_k, sin_k, -1.0), None, None
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -457,10 +473,12 @@ class Transformer(nn.Module):
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask[:, :S].long().cumsum(-1) - 1).clamp_min(0)[:, past:]
         if position_ids is None:
+            # Repeated per head (a copy of T * n_head * hd): the rotary's elementwise ops then run
+            # along whole rows rather than in hd-long pieces, measured 25% faster on CPU.
             cos, sin = (
-                self.rope_cos[None, past:S, None, :],
-                self.rope_sin[None, past:S, None, :],
-            )  # (1, T, 1, hd)
+                table[None, past:S, None, :].expand(-1, -1, self.config.n_head, -1).contiguous()
+                for table in (self.rope_cos, self.rope_sin)
+            )  # (1, T, n_head, hd)
         else:
             cos, sin = (
                 self.rope_cos[position_ids].unsqueeze(2),
