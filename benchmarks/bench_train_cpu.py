@@ -3,14 +3,15 @@
     python benchmarks/bench_train_cpu.py                 # both configs (small, medium)
     python benchmarks/bench_train_cpu.py --config small --rounds 5
     python benchmarks/bench_train_cpu.py --compile        # both models torch.compile'd
+    python benchmarks/bench_train_cpu.py --fused-adamw    # llmctl as with optimizer.fused=on
 
 Claim measured: a full fp32 training step (forward, backward, AdamW) of llmctl's Llama-style
 model runs at >= 1.0x the tokens/s of nanoGPT's GPT-2-style `model.py` with the same n_layer,
 n_head, n_embd, sequence length, batch and vocabulary, on 2 threads.
 
 "Same shapes": ours uses SwiGLU with hidden 8/3 * n_embd (swiglu_hidden: rounded up to 32), RMSNorm and rotary
-positions; the reference a 4x GELU MLP, LayerNorm and learned positions, no biases (`bias = False`,
-nanoGPT train.py's default). The MLP FLOPs are the same to rounding; parameter counts of both are
+positions; the reference nanoGPT's module tree (its Dropout(0.0) calls included) with a 4x GELU MLP,
+LayerNorm and learned positions, no biases (`bias = False`, nanoGPT train.py's default). The MLP FLOPs are the same to rounding; parameter counts of both are
 printed. Both use tied embeddings, causal
 SDPA and AdamW(fused=False). The two models are timed in alternating rounds in one process, and
 each round's tokens/s is reported with the median, so machine noise hits both alike.
@@ -40,6 +41,18 @@ CONFIGS = {
 
 
 # ---- the reference: nanoGPT model.py, condensed (dropout 0, tied head, bias False as train.py) -
+# The module tree and the calls per step are nanoGPT's: a LayerNorm module over F.layer_norm
+# (weight only), fused c_attn, nn.GELU MLP module, the Dropout(0.0) modules it calls in training,
+# learned positions, GPT-2 init with the scaled c_proj init.
+
+
+class RefLayerNorm(nn.Module):
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
 
 
 class RefAttention(nn.Module):
@@ -47,39 +60,56 @@ class RefAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(0.0)
         self.n_head = n_head
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class RefMLP(nn.Module):
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class RefBlock(nn.Module):
     def __init__(self, n_embd: int, n_head: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
+        self.ln_1 = RefLayerNorm(n_embd)
         self.attn = RefAttention(n_embd, n_head)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+        self.ln_2 = RefLayerNorm(n_embd)
+        self.mlp = RefMLP(n_embd)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
-        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        return x + self.mlp(self.ln_2(x))
 
 
 class RefGPT(nn.Module):
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab: int):
         super().__init__()
-        self.wte = nn.Embedding(vocab, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(RefBlock(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                drop=nn.Dropout(0.0),
+                h=nn.ModuleList(RefBlock(n_embd, n_head) for _ in range(n_layer)),
+                ln_f=RefLayerNorm(n_embd),
+            )
+        )
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
-        self.wte.weight = self.lm_head.weight
+        self.transformer.wte.weight = self.lm_head.weight
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 nn.init.normal_(
@@ -87,16 +117,19 @@ class RefGPT(nn.Module):
                 )
 
     def forward(self, idx, targets):
-        T = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(T))
-        for block in self.h:
+        """The loss (nanoGPT returns (logits, loss); train.py backpropagates the loss)."""
+        tr = self.transformer
+        pos = torch.arange(0, idx.shape[1], dtype=torch.long, device=idx.device)
+        x = tr.drop(tr.wte(idx) + tr.wpe(pos))
+        for block in tr.h:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        logits = self.lm_head(tr.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
 def ref_optimizer(model: nn.Module) -> torch.optim.AdamW:
-    """nanoGPT configure_optimizers: decay 2-D params, not biases/norms; fused off on CPU."""
+    """nanoGPT configure_optimizers: decay 2-D params, not biases/norms; fused only on CUDA, so on
+    CPU torch's default implementation (a per-parameter loop there)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -127,7 +160,9 @@ def time_steps(step, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench(name: str, rounds: int, steps: int, compile_models: bool = False) -> dict:
+def bench(
+    name: str, rounds: int, steps: int, compile_models: bool = False, fused_adamw: bool = False
+) -> dict:
     n_layer, n_head, n_embd, T, B, vocab = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (B, T))
@@ -148,7 +183,7 @@ def bench(name: str, rounds: int, steps: int, compile_models: bool = False) -> d
     )
     ours = Transformer(cfg)
     our_opt = make_adamw(
-        param_groups(ours, weight_decay=0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=False
+        param_groups(ours, weight_decay=0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused_adamw
     )
     our_step = step_fn(torch.compile(ours) if compile_models else ours, our_opt, x, y)
 
@@ -179,12 +214,22 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile both models (as pretrain.compile=true does)"
     )
+    parser.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="llmctl's AdamW fused, as optimizer.fused=on gives (default: off on CPU, as pretrain's auto)",
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # one process: both models run on the same threads
     mode = "torch.compile (both)" if args.compile else "eager"
-    print(f"torch {torch.__version__}, {args.threads} thread(s), fp32, {mode}, fwd+bwd+clip+AdamW per step")
+    adamw = "fused" if args.fused_adamw else "unfused"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), fp32, {mode}, "
+        f"fwd+bwd+clip+AdamW per step (llmctl AdamW {adamw}, nanoGPT's CPU default unfused)"
+    )
     for name in CONFIGS if args.config == "all" else [args.config]:
-        res = bench(name, args.rounds, steps=20 if name == "small" else 3, compile_models=args.compile)
+        steps = 20 if name == "small" else 3
+        res = bench(name, args.rounds, steps, compile_models=args.compile, fused_adamw=args.fused_adamw)
         print(res["config"])
         print(f"  params   nanoGPT {res['ref_params']:>10,}   llmctl {res['our_params']:>10,}")
         print(f"  tok/s    nanoGPT {res['ref_tok_s']:>10,.0f}   llmctl {res['our_tok_s']:>10,.0f}")
