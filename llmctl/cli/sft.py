@@ -15,6 +15,7 @@ from llmctl.cli.stages import (
     NodeRankOption,
     NodesOption,
     device_option,
+    launch_request,
     run_stage_command,
 )
 
@@ -62,14 +63,7 @@ def sft(
     if inspect is not None:
         _inspect(ctx, model, inspect, sets, json_)
         return
-    launch = {
-        "gpus": gpus,
-        "nodes": nodes,
-        "node_rank": node_rank,
-        "master_addr": master_addr,
-        "master_port": master_port,
-        "device": device,
-    }
+    launch = launch_request(gpus, nodes, node_rank, master_addr, master_port, device)
     run_stage_command(
         ctx, "sft", sets=sets, force=force, json_=json_, refs={"model": model}, resume=resume, launch=launch
     )

@@ -49,6 +49,25 @@ def device_option(section: str) -> Any:
 PretrainDeviceOption = device_option("pretrain")
 
 
+def launch_request(
+    gpus: int,
+    nodes: int,
+    node_rank: int | None,
+    master_addr: str | None,
+    master_port: int,
+    device: str | None,
+) -> dict[str, Any]:
+    """A command's launch flags as `run_stage_command(launch=...)` takes them."""
+    return {
+        "gpus": gpus,
+        "nodes": nodes,
+        "node_rank": node_rank,
+        "master_addr": master_addr,
+        "master_port": master_port,
+        "device": device,
+    }
+
+
 def launch_options() -> list[tuple[str, Any, Any]]:
     """(parameter, annotation, default) of the launch flags, for commands built from the registry."""
     return [
@@ -242,14 +261,7 @@ def pretrain(
       llmctl pretrain --resume
       llmctl pretrain --nodes 2 --node-rank 0 --master-addr node001 --gpus 8
     """
-    launch = {
-        "gpus": gpus,
-        "nodes": nodes,
-        "node_rank": node_rank,
-        "master_addr": master_addr,
-        "master_port": master_port,
-        "device": device,
-    }
+    launch = launch_request(gpus, nodes, node_rank, master_addr, master_port, device)
     refs = {"data": input_, "init": init}
     run_stage_command(
         ctx, "pretrain", sets=sets, force=force, json_=json_, refs=refs, resume=resume, launch=launch

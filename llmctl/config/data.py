@@ -24,8 +24,8 @@ HF_PREFIX = "hf://"
 HF_DATASETS_PREFIX = "hf://datasets/"
 
 
-class SourceConfig(Section):
-    """One input: local files or a Hugging Face hub dataset."""
+class SourceLocation(Section):
+    """Where one input lives: local files or a Hugging Face hub dataset (pretraining and chat sources)."""
 
     path: str = Field(
         description=(
@@ -33,6 +33,39 @@ class SourceConfig(Section):
             "'hf://datasets/<org>/<name>' (optionally '@<revision>' and a glob inside the repo)."
         )
     )
+    subset: str | None = Field(
+        None, description="Hub datasets only: the subset (config name), e.g. 'sample-10BT' for fineweb-edu."
+    )
+    split: str | None = Field(None, description="Hub datasets only: the split to read, e.g. 'train'.")
+    limit: int | None = Field(
+        None, ge=1, description="Read at most this many records from this source (for quick runs)."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_local_or_hub_dataset(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("path must not be empty")
+        if v.startswith(HF_PREFIX) and not v.startswith(HF_DATASETS_PREFIX):
+            raise ValueError(f"hub paths must look like 'hf://datasets/<org>/<name>', got {v!r}")
+        if v.startswith(HF_DATASETS_PREFIX) and len(v[len(HF_DATASETS_PREFIX) :].split("/")) < 2:
+            raise ValueError(f"hub paths must name a dataset repo 'hf://datasets/<org>/<name>', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _hub_only_fields(self) -> SourceLocation:
+        if not self.is_hub and (self.subset is not None or self.split is not None):
+            raise ValueError("subset and split only apply to hub sources (path: hf://datasets/<org>/<name>)")
+        return self
+
+    @property
+    def is_hub(self) -> bool:
+        return self.path.startswith(HF_DATASETS_PREFIX)
+
+
+class SourceConfig(SourceLocation):
+    """One input of documents: local files or a Hugging Face hub dataset."""
+
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
         "auto",
         description=(
@@ -47,34 +80,6 @@ class SourceConfig(Section):
         "id",
         description="Field holding the document id; when absent, ids are '<source file>/<line or row number>'.",
     )
-    subset: str | None = Field(
-        None, description="Hub datasets only: the subset (config name), e.g. 'sample-10BT' for fineweb-edu."
-    )
-    split: str | None = Field(None, description="Hub datasets only: the split to read, e.g. 'train'.")
-    limit: int | None = Field(
-        None, ge=1, description="Read at most this many documents from this source (for quick runs)."
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _path_not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("path must not be empty")
-        if v.startswith(HF_PREFIX) and not v.startswith(HF_DATASETS_PREFIX):
-            raise ValueError(f"hub paths must look like 'hf://datasets/<org>/<name>', got {v!r}")
-        if v.startswith(HF_DATASETS_PREFIX) and len(v[len(HF_DATASETS_PREFIX) :].split("/")) < 2:
-            raise ValueError(f"hub paths must name a dataset repo 'hf://datasets/<org>/<name>', got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _hub_only_fields(self) -> SourceConfig:
-        if not self.is_hub and (self.subset is not None or self.split is not None):
-            raise ValueError("subset and split only apply to hub sources (path: hf://datasets/<org>/<name>)")
-        return self
-
-    @property
-    def is_hub(self) -> bool:
-        return self.path.startswith(HF_DATASETS_PREFIX)
 
 
 class DataConfig(Section):

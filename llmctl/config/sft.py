@@ -18,24 +18,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from llmctl.config.base import Section
-from llmctl.config.data import HF_DATASETS_PREFIX, HF_PREFIX
+from llmctl.config.data import SourceLocation
 from llmctl.config.training import TrainingConfig
 
 DEFAULT_VAL_FRACTION = 0.05
 
 
-class ChatSourceConfig(Section):
+class ChatSourceConfig(SourceLocation):
     """One chat data input: local files or a Hugging Face hub dataset."""
 
-    path: str = Field(
-        description=(
-            "Local file, folder or glob (relative to the project folder), or a hub dataset as "
-            "'hf://datasets/<org>/<name>' (optionally '@<revision>' and a glob of files inside the repo)."
-        )
-    )
     format: Literal["auto", "jsonl", "parquet"] = Field(
         "auto",
         description="File format. 'auto' picks it from the extension: .jsonl/.jsonl.gz/.jsonl.zst -> jsonl, "
@@ -46,32 +40,6 @@ class ChatSourceConfig(Section):
         description="Field (JSONL key or parquet column) holding the conversation as a list of "
         "{role, content} messages. Records without it are read as {prompt, completion} pairs.",
     )
-    subset: str | None = Field(None, description="Hub datasets only: the subset (config name).")
-    split: str | None = Field(None, description="Hub datasets only: the split to read, e.g. 'train_sft'.")
-    limit: int | None = Field(
-        None, ge=1, description="Read at most this many conversations from this source (for quick runs)."
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _path_is_local_or_hub_dataset(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("path must not be empty")
-        if v.startswith(HF_PREFIX) and not v.startswith(HF_DATASETS_PREFIX):
-            raise ValueError(f"hub paths must look like 'hf://datasets/<org>/<name>', got {v!r}")
-        if v.startswith(HF_DATASETS_PREFIX) and len(v[len(HF_DATASETS_PREFIX) :].split("/")) < 2:
-            raise ValueError(f"hub paths must name a dataset repo 'hf://datasets/<org>/<name>', got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _hub_only_fields(self) -> ChatSourceConfig:
-        if not self.is_hub and (self.subset is not None or self.split is not None):
-            raise ValueError("subset and split only apply to hub sources (path: hf://datasets/<org>/<name>)")
-        return self
-
-    @property
-    def is_hub(self) -> bool:
-        return self.path.startswith(HF_DATASETS_PREFIX)
 
 
 class ChatDataConfig(Section):

@@ -27,19 +27,17 @@ from llmctl.data.loader import TokenLoader
 from llmctl.data.shards import TOKENIZER_DIR, TRAIN_DIR, VAL_DIR, TokenShard, list_shards
 from llmctl.data.tokenizer import Tokenizer, load_tokenizer
 from llmctl.errors import ConfigError, InputError
-from llmctl.model.checkpoint import load_model_folder, read_model_config, save_state_dict_folder
+from llmctl.model.checkpoint import load_model_folder, read_model_config
 from llmctl.model.config import ModelConfig, flops_per_token, from_depth, num_params, preset, suggested_lr
 from llmctl.model.transformer import Transformer
 from llmctl.reporting import Reporter
 from llmctl.train import distributed as D
-from llmctl.train.loop import METRICS_FILE, Trainer
-from llmctl.train.metrics import plot_losses
+from llmctl.train.loop import Trainer
 from llmctl.train.objectives import next_token_loss
 from llmctl.train.precision import resolve_dtype
+from llmctl.train.publish import save_trained_model, save_training_log
 from llmctl.train.setup import apply_cpu_threads, make_optimizer, prepare_model
 from llmctl.train.validation import token_byte_lengths, token_validation
-
-LOSS_PLOT = "loss.png"
 
 
 @dataclass(frozen=True)
@@ -86,21 +84,18 @@ def run(ctx) -> dict[str, Any]:
         return {}
     out = ctx.output_dir
     tok = result.tokenizer
-    save_state_dict_folder(
+    save_trained_model(
+        out,
         result.model_state,
         result.model_config,
-        out,
-        dtype=torch.float32,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id,
-        generation_config={"eos_token_id": tok.stop_token_ids},
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        stop_ids=tok.stop_token_ids,
     )
     # The model folder carries its tokenizer: the artifact is self-contained.
     tok.save(out, model_max_length=result.model_config.max_seq_len)
-    metrics_path = Path(job.run_dir) / METRICS_FILE
-    (out / METRICS_FILE).write_bytes(metrics_path.read_bytes())
-    plot_losses(metrics_path, out / LOSS_PLOT, title=f"pretrain {job.project}")
+    save_training_log(Path(job.run_dir), out, title=f"pretrain {job.project}")
     return result.metrics
 
 

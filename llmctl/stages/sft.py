@@ -26,7 +26,7 @@ import torch
 from llmctl.config.sft import SftConfig
 from llmctl.data.chat import ChatData, Conversation, load_chat_data
 from llmctl.errors import ConfigError, InputError
-from llmctl.model.checkpoint import load_model_folder, save_state_dict_folder
+from llmctl.model.checkpoint import load_model_folder
 from llmctl.model.config import ModelConfig, flops_per_token, num_params
 from llmctl.model.hf_tokenizer import FolderTokenizer, load_folder_tokenizer
 from llmctl.model.lora import add_lora, save_peft_adapter, split_lora_state
@@ -34,14 +34,13 @@ from llmctl.reporting import Reporter
 from llmctl.train import distributed as D
 from llmctl.train.chat_template import ensure_chat_template, save_tokenizer_files
 from llmctl.train.chat_tokens import ChatExample, check_end_of_turn_trained, tokenize_conversation
-from llmctl.train.loop import METRICS_FILE, LossOutput, Trainer
-from llmctl.train.metrics import plot_losses
+from llmctl.train.loop import LossOutput, Trainer
 from llmctl.train.packing import Batch, collate_packed, collate_padded, fit_to_length, pack
 from llmctl.train.precision import resolve_dtype
+from llmctl.train.publish import save_trained_model, save_training_log
 from llmctl.train.setup import apply_cpu_threads, make_optimizer, prepare_model
 from llmctl.train.validation import loss_validation
 
-LOSS_PLOT = "loss.png"
 ADAPTER_DIR = "adapter"
 DEFAULT_EPOCHS = 3
 FULL_LR_FALLBACK = 2e-5  # full fine-tuning of a model whose pretraining lr is unknown (imported)
@@ -95,15 +94,14 @@ def run(ctx) -> dict[str, Any]:
         return {}
     out = ctx.output_dir
     tok = result.tokenizer
-    save_state_dict_folder(
+    save_trained_model(
+        out,
         result.model_state,
         result.model_config,
-        out,
-        dtype=torch.float32,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-        pad_token_id=pad_id_of(tok),
-        generation_config={"eos_token_id": list(tok.stop_ids)},
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        pad_id=pad_id_of(tok),
+        stop_ids=tok.stop_ids,
     )
     save_tokenizer_files(tok, out)  # the template sft trained with travels with the model
     if result.adapter is not None:
@@ -116,9 +114,7 @@ def run(ctx) -> dict[str, Any]:
             dropout=lora.dropout,
             base_model=job.model_ref or job.model_path,
         )
-    metrics_path = Path(job.run_dir) / METRICS_FILE
-    (out / METRICS_FILE).write_bytes(metrics_path.read_bytes())
-    plot_losses(metrics_path, out / LOSS_PLOT, title=f"sft {job.project}")
+    save_training_log(Path(job.run_dir), out, title=f"sft {job.project}")
     return result.metrics
 
 
