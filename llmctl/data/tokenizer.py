@@ -408,17 +408,7 @@ class Tokenizer:
             "model_max_length": model_max_length or UNKNOWN_MAX_LENGTH,
             # Cleanup would turn " ." into "." on decode and break exact round trips.
             "clean_up_tokenization_spaces": False,
-            "added_tokens_decoder": {
-                str(i): {
-                    "content": t.content,
-                    "lstrip": t.lstrip,
-                    "normalized": t.normalized,
-                    "rstrip": t.rstrip,
-                    "single_word": t.single_word,
-                    "special": t.special,
-                }
-                for i, t in sorted(added.items())
-            },
+            "added_tokens_decoder": added_tokens_decoder(added),
             "chat_template": self.chat_template,
         }
         _write_json(folder / HF_CONFIG_FILE, config)
@@ -785,3 +775,18 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Tokenizer:
             hint="re-run the tokenize stage rather than editing tokenizer files by hand",
         )
     return tok
+
+
+def added_tokens_decoder(added: dict) -> dict[str, dict]:
+    """tokenizer_config.json's `added_tokens_decoder` for `tokenizers`' added tokens by id."""
+    return {
+        str(i): {
+            "content": t.content,
+            "lstrip": t.lstrip,
+            "normalized": t.normalized,
+            "rstrip": t.rstrip,
+            "single_word": t.single_word,
+            "special": t.special,
+        }
+        for i, t in sorted(added.items())
+    }

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmctl.data.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
+from llmctl.data.tokenizer import CHATML_TEMPLATE, IM_END, IM_START, added_tokens_decoder
 from llmctl.model.checkpoint import TOKENIZER_FILES
 from llmctl.model.hf_tokenizer import (
     CHAT_TEMPLATE_DIR,
@@ -130,17 +130,7 @@ def save_tokenizer_files(tok: FolderTokenizer, folder: str | Path) -> None:
     config_path = folder / TOKENIZER_CONFIG
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    config["added_tokens_decoder"] = {
-        str(i): {
-            "content": t.content,
-            "lstrip": t.lstrip,
-            "normalized": t.normalized,
-            "rstrip": t.rstrip,
-            "single_word": t.single_word,
-            "special": t.special,
-        }
-        for i, t in sorted(tok.tokenizer.get_added_tokens_decoder().items())
-    }
+    config["added_tokens_decoder"] = added_tokens_decoder(tok.tokenizer.get_added_tokens_decoder())
     extra = config.get("additional_special_tokens") or []
     config["additional_special_tokens"] = [*extra, *(t for t in CHAT_TOKENS if t not in extra)]
     config["chat_template"] = tok.chat_template
