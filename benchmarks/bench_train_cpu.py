@@ -3,17 +3,19 @@
     python benchmarks/bench_train_cpu.py                 # both configs (small, medium)
     python benchmarks/bench_train_cpu.py --config small --rounds 5
     python benchmarks/bench_train_cpu.py --compile        # both models torch.compile'd
-    python benchmarks/bench_train_cpu.py --fused-adamw    # llmctl as with optimizer.fused=on
+    python benchmarks/bench_train_cpu.py --fused off      # llmctl with optimizer.fused=off (the loop)
 
 Claim measured: a full fp32 training step (forward, backward, AdamW) of llmctl's Llama-style
 model runs at >= 1.0x the tokens/s of nanoGPT's GPT-2-style `model.py` with the same n_layer,
 n_head, n_embd, sequence length, batch and vocabulary, on 2 threads.
 
-"Same shapes": ours uses SwiGLU with hidden 8/3 * n_embd (swiglu_hidden: rounded up to 32), RMSNorm and rotary
-positions; the reference nanoGPT's module tree (its Dropout(0.0) calls included) with a 4x GELU MLP,
-LayerNorm and learned positions, no biases (`bias = False`, nanoGPT train.py's default). The MLP FLOPs are the same to rounding; parameter counts of both are
-printed. Both use tied embeddings, causal
-SDPA and AdamW(fused=False). The two models are timed in alternating rounds in one process, and
+"Same shapes": ours uses SwiGLU with hidden 8/3 * n_embd (swiglu_hidden: rounded up to 32), RMSNorm
+and rotary positions; the reference nanoGPT's module tree (its Dropout(0.0) calls included) with a 4x
+GELU MLP, LayerNorm and learned positions, no biases (`bias = False`, nanoGPT train.py's default). The
+MLP FLOPs are the same to rounding; parameter counts of both are printed. Both use tied embeddings and
+causal SDPA; each side's AdamW is what its trainer makes on CPU: nanoGPT's configure_optimizers gives
+the per-parameter loop (fused only on CUDA), `llmctl pretrain` the fused kernel (optimizer.fused auto).
+The two models are timed in alternating rounds in one process, and
 each round's tokens/s is reported with the median, so machine noise hits both alike.
 """
 
@@ -32,6 +34,7 @@ from torch import nn
 from llmctl.model.config import ModelConfig, swiglu_hidden
 from llmctl.model.transformer import Transformer
 from llmctl.train.optim import make_adamw, param_groups
+from llmctl.train.setup import use_fused_adamw
 
 CONFIGS = {
     # name: (n_layer, n_head, n_embd, T, B, vocab)
@@ -160,9 +163,7 @@ def time_steps(step, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench(
-    name: str, rounds: int, steps: int, compile_models: bool = False, fused_adamw: bool = False
-) -> dict:
+def bench(name: str, rounds: int, steps: int, compile_models: bool = False, fused: str = "auto") -> dict:
     n_layer, n_head, n_embd, T, B, vocab = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (B, T))
@@ -182,8 +183,12 @@ def bench(
         tie_embeddings=True,
     )
     ours = Transformer(cfg)
-    our_opt = make_adamw(
-        param_groups(ours, weight_decay=0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused_adamw
+    our_opt = make_adamw(  # the optimizer `llmctl pretrain` makes on CPU with optimizer.fused=<fused>
+        param_groups(ours, weight_decay=0.1),
+        lr=6e-4,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=use_fused_adamw(fused, "cpu"),
     )
     our_step = step_fn(torch.compile(ours) if compile_models else ours, our_opt, x, y)
 
@@ -215,21 +220,22 @@ def main() -> None:
         "--compile", action="store_true", help="torch.compile both models (as pretrain.compile=true does)"
     )
     parser.add_argument(
-        "--fused-adamw",
-        action="store_true",
-        help="llmctl's AdamW fused, as optimizer.fused=on gives (default: off on CPU, as pretrain's auto)",
+        "--fused",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="llmctl's optimizer.fused (auto, what pretrain uses: the fused AdamW kernel on CPU)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # one process: both models run on the same threads
     mode = "torch.compile (both)" if args.compile else "eager"
-    adamw = "fused" if args.fused_adamw else "unfused"
+    adamw = "fused" if use_fused_adamw(args.fused, "cpu") else "unfused"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), fp32, {mode}, "
         f"fwd+bwd+clip+AdamW per step (llmctl AdamW {adamw}, nanoGPT's CPU default unfused)"
     )
     for name in CONFIGS if args.config == "all" else [args.config]:
         steps = 20 if name == "small" else 3
-        res = bench(name, args.rounds, steps, compile_models=args.compile, fused_adamw=args.fused_adamw)
+        res = bench(name, args.rounds, steps, compile_models=args.compile, fused=args.fused)
         print(res["config"])
         print(f"  params   nanoGPT {res['ref_params']:>10,}   llmctl {res['our_params']:>10,}")
         print(f"  tok/s    nanoGPT {res['ref_tok_s']:>10,.0f}   llmctl {res['our_tok_s']:>10,.0f}")

@@ -248,7 +248,8 @@ def train(
         with torch.device(info.device):
             model = Transformer(mc)
     model = prepare_model(model, cfg, info)
-    optimizer = make_optimizer(model, cfg.optimizer, lr=lr, device=info.device)
+    sharded = cfg.strategy == "fsdp" and info.distributed
+    optimizer = make_optimizer(model, cfg.optimizer, lr=lr, device=info.device, sharded=sharded)
 
     # -- train
     trainer = Trainer(

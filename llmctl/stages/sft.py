@@ -375,7 +375,8 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
                 p.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model = prepare_model(model, cfg, info)
-    optimizer = make_optimizer(model, cfg.optimizer, lr=lr, device=info.device)
+    sharded = cfg.strategy == "fsdp" and info.distributed
+    optimizer = make_optimizer(model, cfg.optimizer, lr=lr, device=info.device, sharded=sharded)
 
     val_rows = rows_of(val_examples, cfg, seq_len)
     val_batches = [
