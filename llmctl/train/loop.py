@@ -199,9 +199,12 @@ class Trainer:
         loss_sum, units, tokens = (float(v) for v in totals)
         # DDP and FSDP average gradients over processes; scale them to sum / units of the global batch.
         scale = info.world_size / max(units, 1.0)
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not hasattr(grads[0], "full_tensor"):
+            torch._foreach_mul_(grads, scale)  # one call, not one per parameter
+        else:  # FSDP's DTensor gradients
+            for g in grads:
+                g.mul_(scale)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
