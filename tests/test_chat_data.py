@@ -32,6 +32,7 @@ from llmctl.data.synthetic_chat import (
     CHAT_FILE,
     GREETINGS,
     QUESTIONS,
+    SHORT_ANSWERS,
     fact_sentence,
     generate_chat,
     heldout_facts,
@@ -394,9 +395,9 @@ def test_heldout_facts_are_never_asked_nor_stated(tmp_path: Path) -> None:
     assert chat_set.heldout == heldout_facts(world, 0)
     kind_of = {s: k for k, names in world.entities.items() for s in names}
     rank = lambda s: world.entities[kind_of[s]].index(s) / len(world.entities[kind_of[s]])  # noqa: E731
-    assert (
-        sum(rank(s) for s, _ in heldout) / len(heldout) < 0.35
-    )  # popular entities, whose facts a model can know
+    # whole entities, popular ones (whose facts a model can know): a uniform draw averages ~0.5
+    assert all((s, r.name) in heldout for s, _ in heldout for r in world.relations_of(kind_of[s]))
+    assert sum(rank(s) for s, _ in heldout) / len(heldout) < 0.4
     records = [json.loads(line) for line in (tmp_path / CHAT_FILE).read_text().splitlines()]
     parsers = _question_parsers()
     known_turns = {g for g, _ in GREETINGS}
@@ -462,9 +463,22 @@ def test_synthetic_chat_has_phrasings_turns_and_system_prompts(tmp_path: Path) -
         if m["role"] == "assistant" and i and r["messages"][i - 1]["content"].endswith(ANSWER_ONLY)
     ]
     values = {v for v in world.facts.values()}
-    assert len(short) > 500 and all(
+    assert len(short) > 400 and all(
         m["content"] in values for m in short
     )  # answer-only turns: the bare value
+    # every other answer to a question is the relation's short sentence, ending with the value
+    parsers = _question_parsers()
+    sentences = 0
+    for r in records:
+        for question, answer in zip(r["messages"], r["messages"][1:], strict=False):
+            keys = _asked_facts(question["content"], world, parsers) if question["role"] == "user" else ()
+            if keys and not question["content"].endswith(ANSWER_ONLY):
+                [(subject, relation)] = keys
+                value = world.facts[(subject, relation)]
+                assert answer["content"] == SHORT_ANSWERS[relation].format(v=value)
+                assert answer["content"].endswith(f" {value}.") and subject not in answer["content"]
+                sentences += 1
+    assert sentences > 3000
 
 
 def test_chat_eval_rows_and_the_template_config_read_clean(tmp_path: Path) -> None:

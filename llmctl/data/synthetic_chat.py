@@ -1,15 +1,21 @@
 """Seeded synthetic conversations about the synthetic world, and held-out questions to evaluate on.
 
 The tiny template fine-tunes its pretrained model into a chat model on `chat.jsonl`, then asks it
-about facts it saw only in pretraining: `generate_chat` holds out a share of the world's facts, picked
-with a bias toward popular entities (the corpus states their facts most often, so a tiny model can
-know them), and never asks about them, nor states them, in a training conversation. What sft teaches
-is the format; what the eval measures is whether pretraining knowledge comes out in that format.
+about facts it saw only in pretraining: `generate_chat` holds out every fact of a share of the world's
+entities, picked with a bias toward popular ones (the corpus states their facts most often, so a tiny
+model can know them), and never asks about them, nor states them, in a training conversation. What sft
+teaches is the format; what the eval measures is whether pretraining knowledge comes out in that format.
 
 Conversations (OpenAI `messages`, plus `id` and `facts`: the [subject, relation] pairs they mention):
 * questions in several phrasings per relation ("What is the capital of Velmora?", "Which city is the
-  capital of Velmora?", ...), answered with a sentence stating the fact, or with the bare value when
-  the question asks for just the answer ("... Reply with the answer only." -> "Ostrin");
+  capital of Velmora?", ...), answered with a short sentence that ends the way the corpus's canonical
+  one does but leaves the subject out ("Its capital is Ostrin."), or with the bare value when the
+  question asks for just the answer ("... Reply with the answer only." -> "Ostrin"). Not the canonical
+  sentence ("The capital of Velmora is Ostrin."): the tiny model does not copy names from its context
+  (at 500 steps, "Notes on X" goes on about the most popular realm whatever X is), so an answer that
+  must restate the subject names one from its training conversations instead, and the value follows
+  that one. A short answer needs no copying: the value comes right after the words that cue it in
+  pretraining, the subject a few tokens back in the question;
 * single questions, multi-turn follow-ups about one subject or several, and "Tell me about X." turns;
 * a system prompt in about a third of them, some opening with a greeting.
 
@@ -18,7 +24,8 @@ Conversations (OpenAI `messages`, plus `id` and `facts`: the [subject, relation]
 the answer the bare value, scored by `contains` (a chat model answers in a sentence, as it was taught).
 Not the answer-only form: a bare value opens the turn with the word's no-space token, which a tiny
 model never saw in pretraining (" Ostrin" is one token, "Ostrin" other ones), so only a sentence lets
-pretraining knowledge come out. Most popular entities first. The same `seed` gives the same world, conversations and rows, byte for byte.
+pretraining knowledge come out. Most popular entities first. The same `seed` gives the same world,
+conversations and rows, byte for byte.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from llmctl.errors import InputError
 CHAT_FILE = "chat.jsonl"
 CHAT_EVAL_FILE = "chat_eval.jsonl"
 DEFAULT_HELDOUT_FRACTION = 0.4
+ANSWER_ONLY_SHARE = 0.15  # questions that ask for the bare value; the rest get a SHORT_ANSWERS sentence
 
 # Question phrasings per relation; {s} is the subject. Creatures and artifacts take "the".
 QUESTIONS: dict[str, tuple[str, ...]] = {
@@ -94,6 +102,20 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
         "Tell me what the {s} is made of.",
     ),
 }
+# Answers that end the way the corpus's canonical sentence does, the subject left out ("It is found in
+# the {v}." beside "The {s} is found in the {v}."): the value comes right after the words that cue it
+# in pretraining, and nothing has to be copied from the question.
+SHORT_ANSWERS: dict[str, str] = {
+    "capital": "Its capital is {v}.",
+    "language": "The people there speak {v}.",
+    "ruler": "It is ruled by {v}.",
+    "profession": "They work as a {v}.",
+    "home": "They live in {v}.",
+    "color": "It is {v}.",
+    "habitat": "It is found in the {v}.",
+    "diet": "It eats {v}.",
+    "material": "It is made of {v}.",
+}
 # Appended to a question to ask for the bare value (in training conversations only).
 ANSWER_ONLY = (" Reply with the answer only.", " Just the answer, please.", " Answer in a few words.")
 ABOUT = ("Tell me about {s}.", "What do you know about {s}?")
@@ -134,21 +156,27 @@ def fact_sentence(template: str, subject: str, value: str) -> str:
 
 
 def heldout_facts(world: World, seed: int, fraction: float = DEFAULT_HELDOUT_FRACTION) -> list[FactKey]:
-    """`fraction` of each relation's facts, drawn without replacement with weights = entity popularity
-    (Efraimidis-Spirakis keys), most popular first."""
+    """Every fact of `fraction` of each kind's entities, the entities drawn without replacement with
+    weights = popularity (Efraimidis-Spirakis keys); most popular first, relations in world order.
+
+    Whole entities, not single facts: a subject that training conversations ask about teaches the
+    model that subject's answers, and a tiny model then gives one of them to any question about the
+    subject ("What does the thorn boar eat?" -> "The thorn boar is found in the tundra.")."""
     if not 0 < fraction < 1:
         raise InputError(f"the held-out fraction must be between 0 and 1, got {fraction}")
     rng = random.Random(f"chat-heldout-{seed}")
-    chosen: list[tuple[float, FactKey]] = []
-    for rel in relations(world):
-        names, weights = world.entities[rel.subject], world.weights[rel.subject]
+    chosen: list[tuple[float, int, FactKey]] = []
+    for kind, names in world.entities.items():
+        weights = world.weights[kind]
         keyed = sorted(
             ((rng.random() ** (1 / w), s, w) for s, w in zip(names, weights, strict=True)), reverse=True
         )
         n = max(1, round(fraction * len(names)))
-        chosen += [(w, (s, rel.name)) for _, s, w in keyed[:n]]
-    chosen.sort(key=lambda c: -c[0])  # stable: ties keep relation order
-    return [key for _, key in chosen]
+        chosen += [
+            (w, i, (s, rel.name)) for _, s, w in keyed[:n] for i, rel in enumerate(world.relations_of(kind))
+        ]
+    chosen.sort(key=lambda c: (-c[0], c[1]))  # stable: a subject's facts interleave with its peers'
+    return [key for _, _, key in chosen]
 
 
 class _Conversations:
@@ -178,11 +206,9 @@ class _Conversations:
         r = self.rng
         value = self.world.facts[(subject, relation)]
         question = r.choice(QUESTIONS[relation]).format(s=subject)
-        if r.random() < 0.3:
+        if r.random() < ANSWER_ONLY_SHARE:
             return question + r.choice(ANSWER_ONLY), value
-        rel = self.rels[relation]
-        template = rel.canonical if r.random() < 0.7 else r.choice(rel.variants)
-        return question, fact_sentence(template, subject, value)
+        return question, SHORT_ANSWERS[relation].format(v=value)
 
     def _about(self, kind: str, subject: str) -> tuple[str, str]:
         question = self.rng.choice(ABOUT_THE if kind in _THE_KINDS else ABOUT).format(s=subject)
