@@ -28,10 +28,10 @@ Stages from other distributions register the same way from a module named by an 
 
 "The newest model" (any kind, in fact) is a rule, not a per-stage list: an input slot with
 `newest_in_pipeline` and no reference takes the newest artifact of its kinds in pipeline order,
-i.e. from the last stage in `stage_order()` that has one, among the stages before the consumer
-(eval after an sft run: the sft model; sft itself: pretrain's, never its own output). Stages outside
-the pipeline (`import`) come first in that order: an imported model is a starting point, so any
-model the pipeline trained is newer; name it (`import:latest`) to use it then.
+i.e. from the last stage in `stage_order()` that has one (eval after an sft run: the sft model); a
+stage that makes the kind it reads looks only at the stages before it (sft: pretrain's model, never
+its own output). Stages outside the pipeline (`import`) come first in that order: an imported model
+is a starting point, so any model the pipeline trained is newer; name it (`import:latest`) to use it.
 `latest` given to a model consumer (`--ckpt latest`) follows the same order (`Workspace.stage_order`).
 """
 
@@ -68,12 +68,13 @@ class InputSlot:
 
     def defaults(self, consumer: str | None = None) -> tuple[str, ...]:
         """The stages whose newest artifact a reference-less input takes, first match wins. For
-        `newest_in_pipeline`, only stages before the consumer in pipeline order count: sft's base
-        model is the newest model made before sft, never sft's own output."""
+        `newest_in_pipeline`: a consumer that makes what it reads (sft: a model from a model) takes
+        only stages before it in pipeline order, so never its own output nor a later stage's; a
+        consumer of another kind (eval) takes every stage."""
         if not self.newest_in_pipeline:
             return self.default_stages
         order = stage_order()
-        if consumer in order:
+        if consumer in order and STAGES[consumer].output_kind in self.kinds:
             order = order[: order.index(consumer)]
         return tuple(reversed([s for s in order if STAGES[s].output_kind in self.kinds]))
 
