@@ -3,8 +3,8 @@
 The commands are read from README.md (the ```bash block under "## A tour"), so a change to the tour
 is tested as written. What cannot run here is adapted, each for a stated reason:
 
-- training budget: `run` and `pretrain` get `--set pretrain.max_steps=TOUR_STEPS` (a line that sets
-  max_steps itself keeps its own, distinct budget, capped), so the tour takes minutes on 2 CPU cores;
+- training budget: `run`, `pretrain` and `sft` get `--set <stage>.max_steps=TOUR_STEPS` (a line that
+  sets max_steps itself keeps its own, distinct budget, capped), so the tour takes minutes on 2 CPU cores;
 - `--gpus N` without CUDA: documented to refuse with exit 2 (no silent CPU processes); skipped on
   machines with CUDA (an 8-process launch is not a unit test);
 - `--data-dir ~/evals`: benchmark data is not shipped; skipped unless that folder exists;
@@ -56,16 +56,19 @@ def _cuda_available() -> bool:
 
 
 def _with_budget(args: list[str]) -> list[str]:
-    """`run`/`pretrain` with a small training budget; a line's own max_steps stays distinct, capped."""
-    if args[0] not in ("run", "pretrain") or "--gpus" in args:
+    """`run`/`pretrain`/`sft` with a small training budget; a line's own max_steps stays distinct, capped."""
+    stages = {"run": ("pretrain", "sft"), "pretrain": ("pretrain",), "sft": ("sft",)}.get(args[0], ())
+    if not stages or "--gpus" in args or "--inspect" in args:
         return args
     out = list(args)
-    for i, arg in enumerate(out):
-        if arg.startswith("pretrain.max_steps="):
-            own = int(arg.split("=", 1)[1])
-            out[i] = f"pretrain.max_steps={min(own, TOUR_STEPS_CAP)}"
-            return out
-    return [*out, "--set", f"pretrain.max_steps={TOUR_STEPS}"]
+    for stage in stages:
+        key = f"{stage}.max_steps="
+        own = next((i for i, arg in enumerate(out) if arg.startswith(key)), None)
+        if own is not None:
+            out[own] = f"{key}{min(int(out[own].split('=', 1)[1]), TOUR_STEPS_CAP)}"
+        else:
+            out += ["--set", f"{key}{TOUR_STEPS}"]
+    return out
 
 
 @pytest.mark.slow

@@ -112,9 +112,16 @@ class SftConfig(TrainingConfig):
         "(micro_batch_size * world_size) must be an integer.",
     )
     epochs: float | None = Field(
-        None, gt=0, description="Horizon in passes over the training rows (default 3 when no horizon is set)."
+        None,
+        gt=0,
+        description="Horizon in passes over the training rows (default 3 when no horizon is set); "
+        "max_steps, when set, wins (as in HF Trainer).",
     )
-    max_steps: int | None = Field(None, ge=1, description="Horizon in optimizer steps (instead of epochs).")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Horizon in optimizer steps; overrides epochs (`--set sft.max_steps=20` for a quick run).",
+    )
     packing: Literal["packed", "padded"] = Field(
         "packed",
         description="packed: several conversations per row, no attention across them (positions restart); "
@@ -135,9 +142,3 @@ class SftConfig(TrainingConfig):
         50, ge=0, description="Save a resumable checkpoint every N steps; 0 = only on interrupt."
     )
     log_every: int = Field(5, ge=1, description="Write a metrics.jsonl line every N steps.")
-
-    @model_validator(mode="after")
-    def _one_horizon(self) -> SftConfig:
-        if self.epochs is not None and self.max_steps is not None:
-            raise ValueError("set epochs or max_steps, not both")
-        return self
