@@ -28,7 +28,8 @@ What each side does (like with like):
 - Timing: ours from the Trainer's own per-step dt (metrics.jsonl, what `llmctl sft` reports), TRL
   from one `on_step_end` to the next (data, forward/backward, clip, AdamW). The first `--warmup` steps
   of each run are not counted. Each round runs both sides, alternating which goes first; the table
-  shows the median over rounds. The machine is shared: prefer --rounds >= 3 for numbers you quote.
+  shows the median over rounds. On a shared machine prefer --rounds >= 3 and --threads 1: with 2 threads
+  and other jobs on the cores, single runs were seen 3-10x slow (OpenMP threads waiting on a descheduled one).
 """
 
 from __future__ import annotations
