@@ -378,3 +378,30 @@ def test_model_package_imports_only_leaf_llmctl_modules():
             for name in names:
                 if name.startswith("llmctl"):
                     assert name.startswith(allowed), f"{path.name} imports {name}"
+
+
+def test_loss_with_ignored_targets_equals_the_full_computation():
+    """The output layer runs only where there is a target; loss and gradients are those of computing
+    every position's logits and ignoring the -100 ones."""
+    torch.manual_seed(0)
+    model = Transformer(preset("test-1m", vocab_size=300, n_layer=2, n_embd=64))
+    idx = torch.randint(0, 300, (3, 20))
+    targets = torch.randint(0, 300, (3, 20))
+    targets[:, :12] = -100  # a prompt
+    targets[2, 15:] = -100  # padding
+    for reduction in ("sum", "mean"):
+        model.zero_grad()
+        loss = model(idx, targets, reduction=reduction)
+        loss.backward()
+        ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        logits = model(idx)
+        ref = torch.nn.functional.cross_entropy(
+            logits.view(-1, 300), targets.view(-1), ignore_index=-100, reduction=reduction
+        )
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    none = model(idx, targets, reduction="none")
+    assert none.shape == (3, 20) and bool((none[targets == -100] == 0).all())

@@ -515,8 +515,16 @@ class Transformer(nn.Module):
             if logits_to_keep:
                 x = x[:, -logits_to_keep:]
             return self.lm_head(x)  # (B, T or logits_to_keep, vocab)
-        logits = self.lm_head(x).float()  # no-op in fp32; one upcast under bf16 autocast
-        logits, targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)  # (B*T, vocab), (B*T,)
+        targets = targets.reshape(-1)  # (B*T,)
+        x = x.reshape(-1, x.size(-1))  # (B*T, n_embd)
+        if reduction != "none" and not torch.compiler.is_compiling():
+            # Positions without a target (prompts and padding under assistant-only loss: ~70% of an
+            # SFT batch) need no output layer: computing it only where there is a target saved 13% of
+            # an SFT step on SmolLM2-135M. Pretraining, where every position has one, skips the gather.
+            keep = targets != IGNORE_INDEX
+            if not bool(keep.all()):
+                x, targets = x[keep], targets[keep]
+        logits = self.lm_head(x).float()  # (N, vocab); no-op in fp32, one upcast under bf16 autocast
         # CrossEntropyFunction pays off where (B*T, vocab) buffers are big enough to be fresh mmaps
         # (glibc: always from 32 MB); at small sizes its ~15 small ops cost more than they save.
         big = logits.numel() * logits.element_size() >= 32 << 20
