@@ -88,6 +88,10 @@ def test_sft_publishes_a_chat_model_whose_loss_fell(tmp_path, base_model, chat_d
     assert len(train) == 12 and sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 0.3, train
     m = art.manifest.metrics
     assert m["trainable_params"] == m["params"] and 0.5 < m["packing_efficiency"] <= 1
+    assert 0.5 < m["batch_efficiency"] <= 1
+    padded_project, padded_dir = sft_project(tmp_path / "padded", chat_dir, packing="padded", max_steps=2)
+    padded = run_sft(padded_project, padded_dir, base_model).artifact.manifest.metrics
+    assert padded["packing_efficiency"] is None and 0 < padded["batch_efficiency"] < m["batch_efficiency"]
     assert m["data"]["train"] + m["data"]["val"] == 80 and m["val_loss"] is not None
     assert art.manifest.inputs[0].slot == "model"
     # the newest model, for `--ckpt latest` and eval's default input, is now the chat model

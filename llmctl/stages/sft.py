@@ -238,6 +238,7 @@ class ChatRows:
         self.seq_len, self.pad_id, self.info = seq_len, pad_id, info
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
+        self.real_tokens = self.positions = 0  # this process's batches: the padding efficiency
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.rows))
@@ -254,7 +255,10 @@ class ChatRows:
             picked.extend(self._order[self.position : self.position + take].tolist())
             self.position += take
         mine = picked[info.rank * micro : (info.rank + 1) * micro]
-        return collate(self.examples, [self.rows[i] for i in mine], self.cfg, self.seq_len, self.pad_id)
+        batch = collate(self.examples, [self.rows[i] for i in mine], self.cfg, self.seq_len, self.pad_id)
+        self.real_tokens += batch.n_real
+        self.positions += batch.input_ids.numel()
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position}
@@ -384,12 +388,13 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
         for i in range(0, len(val_rows), cfg.micro_batch_size)
     ]
     loss_fn = chat_loss(info.device)
+    source = ChatRows(train_examples, rows, cfg, seq_len, pad_id, info)
     trainer = Trainer(
         stage="sft",
         cfg=cfg,
         model=model,
         optimizer=optimizer,
-        source=ChatRows(train_examples, rows, cfg, seq_len, pad_id, info),
+        source=source,
         loss_fn=loss_fn,
         info=info,
         max_steps=max_steps,
@@ -419,6 +424,8 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
         "rows": len(rows),
         "seq_len": seq_len,
         "packing_efficiency": None if efficiency is None else round(efficiency, 4),
+        # what the batches held: real tokens / positions (packed rows' tails and padded rows' pads)
+        "batch_efficiency": round(source.real_tokens / source.positions, 4) if source.positions else None,
         "epochs": round(fit.state.step * cfg.batch_size / len(rows), 3),
         "data": {**data.summary(), **fit_counts.as_dict()},
     }
