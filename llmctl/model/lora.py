@@ -6,7 +6,6 @@ so training starts exactly at the base model.
     ...train (only lora_A / lora_B require grad)...
     plain, adapter = split_lora_state(full_state_dict, scaling=alpha / rank)  # W + (alpha/r) B A
     save_peft_adapter(folder, adapter, rank=16, alpha=32, dropout=0.05, base_model="pretrain:v0003")
-    merge_lora(model)                                                 # the same, in place
 
 Why our own module rather than peft: the model is ours and stays a plain module tree, so the A and B
 matrices hang off the adapted `nn.Linear` as children (`...q_proj.lora_A.weight`) and every other
@@ -48,11 +47,6 @@ def _add_update(layer: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Te
     return output + layer.lora_B(layer.lora_A(layer.lora_dropout(args[0]))) * layer.lora_scaling
 
 
-def delta_weight(layer: nn.Linear) -> torch.Tensor:
-    """(alpha / r) B A: what merging adds to the layer's weight."""
-    return (layer.lora_B.weight @ layer.lora_A.weight) * layer.lora_scaling
-
-
 def lora_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "lora_A")}
 
@@ -73,15 +67,6 @@ def add_lora(
     if not adapted:
         raise ValueError(f"no linear layer is named {' or '.join(targets)}")
     return adapted
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of a model under PEFT's keys (`base_model.model.<layer>.lora_A.weight`)."""
-    return {
-        f"base_model.model.{k}": v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if ".lora_" in k
-    }
 
 
 def split_lora_state(
@@ -114,7 +99,7 @@ def save_peft_adapter(
     base_model: str | None,
 ) -> None:
     """`adapter_config.json` + `adapter_model.safetensors` as peft writes them for a LoRA adapter
-    (`adapter`: PEFT-keyed tensors, from `lora_state_dict` or `split_lora_state`)."""
+    (`adapter`: PEFT-keyed tensors from `split_lora_state`)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,12 +122,3 @@ def save_peft_adapter(
     }
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     save_file(adapter, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-
-@torch.no_grad()
-def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its layer (W += (alpha/r) B A) and remove it: a plain model again."""
-    for layer in lora_layers(model).values():
-        layer.weight += delta_weight(layer).to(layer.weight.dtype)
-        layer._forward_hooks.clear()
-        del layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_scaling

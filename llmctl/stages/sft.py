@@ -34,8 +34,16 @@ from llmctl.reporting import Reporter
 from llmctl.train import distributed as D
 from llmctl.train.chat_template import ensure_chat_template, save_tokenizer_files
 from llmctl.train.chat_tokens import ChatExample, check_end_of_turn_trained, tokenize_conversation
-from llmctl.train.loop import LossOutput, Trainer
-from llmctl.train.packing import Batch, collate_packed, collate_padded, fit_to_length, pack
+from llmctl.train.loop import Trainer
+from llmctl.train.objectives import next_token_loss
+from llmctl.train.packing import (
+    Batch,
+    collate_packed,
+    collate_padded,
+    fit_to_length,
+    pack,
+    packing_efficiency,
+)
 from llmctl.train.precision import resolve_dtype
 from llmctl.train.publish import save_trained_model, save_training_log
 from llmctl.train.setup import apply_cpu_threads, make_optimizer, prepare_model
@@ -268,17 +276,6 @@ class ChatRows:
         self._order = self._permutation(self.epoch)
 
 
-def chat_loss(device: str):
-    """Next-token loss summed over the trained (assistant) tokens of a Batch."""
-
-    def loss(model: torch.nn.Module, batch: Batch) -> LossOutput:
-        b = batch.to(device)
-        loss_sum = model(b.input_ids, b.targets, reduction="sum", **b.forward_kwargs())
-        return LossOutput(loss_sum, b.n_trained, b.n_real)
-
-    return loss
-
-
 def inspect_example(cfg: SftConfig, base: Any, project_dir: Path, index: int):
     """(ChatInspection of training conversation `index`, where it came from, the model's id) for
     `llmctl sft --inspect`: rendered with the template and masking sft would train with."""
@@ -292,8 +289,10 @@ def inspect_example(cfg: SftConfig, base: Any, project_dir: Path, index: int):
             f"sft --inspect {index}: there are {len(data.train)} training conversations",
             hint=f"pass 0..{len(data.train) - 1}",
         )
-    model, _ = load_model_folder(base.path, dtype=torch.float32)
-    tok, _ = ensure_chat_template(model, load_folder_tokenizer(base.path))
+    tok = load_folder_tokenizer(base.path)
+    if tok.chat_template is None:  # ChatML and its tokens get added: the model grows with them
+        model, _ = load_model_folder(base.path, dtype=torch.float32)
+        tok, _ = ensure_chat_template(model, tok)
     conv = data.train[index]
     seen = inspect_conversation(
         tok, conv.messages, turns=cfg.assistant_turns, train_on_prompt=cfg.train_on_prompt
@@ -317,9 +316,11 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
     # -- model and tokenizer with a chat template
     torch.manual_seed(cfg.seed)
     model, _ = load_model_folder(job.model_path, device=info.device, dtype=torch.float32)
+    base_vocab = model.config.vocab_size
     tok, changed = ensure_chat_template(model, load_folder_tokenizer(job.model_path))
     if changed:
         note(f"sft: {changed}")
+    added_tokens = model.config.vocab_size != base_vocab
     check_end_of_turn_trained(tok)
     mc = model.config
     seq_len, seq_source = choose_seq_len(cfg, mc, base)
@@ -338,8 +339,11 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
             hint="check sft.data, sft.seq_len and sft.overlong",
         )
     rows = rows_of(train_examples, cfg, seq_len)
-    real = sum(len(ex) for ex in train_examples)
-    efficiency = real / (len(rows) * seq_len) if cfg.packing == "packed" else None
+    efficiency = (
+        packing_efficiency([len(ex) for ex in train_examples], rows, seq_len)
+        if cfg.packing == "packed"
+        else None
+    )
     accum = grad_accum_steps(cfg, info.world_size)
     steps_per_epoch = max(1, math.ceil(len(rows) / cfg.batch_size))
     if cfg.max_steps is not None:
@@ -373,10 +377,14 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
             )
         except ValueError as e:
             raise ConfigError(f"sft.lora.targets: {e}", hint="e.g. [q_proj, v_proj]") from None
-        if changed and "added" in changed:
-            # New chat tokens start as the mean embedding; frozen, the model could not learn them.
+        if added_tokens:
+            # New chat tokens start as the mean embedding; frozen, the model could not learn them. The
+            # merged model carries the trained rows; an adapter alone could not (its base lacks them).
             for p in (*model.model.embed_tokens.parameters(), *model.lm_head.parameters()):
                 p.requires_grad_(True)
+            note(
+                "sft: LoRA with new chat tokens: embeddings trained too; no adapter/ (the base lacks the rows)"
+            )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model = prepare_model(model, cfg, info)
     sharded = cfg.strategy == "fsdp" and info.distributed
@@ -387,7 +395,7 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
         collate(val_examples, val_rows[i : i + cfg.micro_batch_size], cfg, seq_len, pad_id)
         for i in range(0, len(val_rows), cfg.micro_batch_size)
     ]
-    loss_fn = chat_loss(info.device)
+    loss_fn = next_token_loss(info.device)
     source = ChatRows(train_examples, rows, cfg, seq_len, pad_id, info)
     trainer = Trainer(
         stage="sft",
@@ -414,6 +422,7 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
     if cfg.lora.enabled and info.is_main:
         # The published model is plain, adapters folded in; the adapter itself is saved beside it.
         model_state, adapter = split_lora_state(model_state, scaling=cfg.lora.alpha / cfg.lora.rank)
+        adapter = None if added_tokens else adapter
     metrics = {
         "val_loss": None,
         **fit.metrics,

@@ -82,7 +82,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0  # time in steps after a process's first (warmup, compile) step
-    timed_steps: int = 0
+    timed_tokens: int = 0  # tokens of those steps (sft's steps differ in tokens)
     loader: dict[str, Any] = field(default_factory=dict)  # the batch source where the next step starts
 
 
@@ -173,7 +173,7 @@ class Trainer:
             step=int(saved["step"]),
             tokens=int(saved["tokens"]),
             train_seconds=float(saved["train_seconds"]),
-            timed_steps=int(saved["timed_steps"]),
+            timed_tokens=int(saved.get("timed_tokens", 0)),
             loader=saved["loader"],
         )
         if self.info.is_main:
@@ -289,7 +289,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     if s.step > first_step + 1:  # the first step of a process pays warmup/compile costs
                         s.train_seconds += dt
-                        s.timed_steps += 1
+                        s.timed_tokens += tokens_per_step
                     tok_s = tokens_per_step / dt
                     step_mfu = mfu(self.flops_per_token, tok_s, peak_total) if self.flops_per_token else None
                     if s.step % cfg.log_every == 0 or s.step == self.max_steps:
@@ -342,7 +342,7 @@ class Trainer:
 
         model_state, _ = D.full_state_dicts(self.model, self.optimizer)
         s = self.state
-        avg_tok_s = s.timed_steps * tokens_per_step / s.train_seconds if s.train_seconds > 0 else tok_s
+        avg_tok_s = s.timed_tokens / s.train_seconds if s.train_seconds > 0 else tok_s
         avg_mfu = mfu(self.flops_per_token, avg_tok_s, peak_total) if self.flops_per_token else None
         metrics = {
             "steps": s.step,

@@ -10,23 +10,24 @@ from typing import Any
 
 from torch import nn
 
+from llmctl.model.transformer import IGNORE_INDEX
 from llmctl.train.loop import LossFn, LossOutput
+from llmctl.train.packing import Batch
 
 
 def next_token_loss(device: str) -> LossFn:
     """Cross-entropy on next-token targets; positions labelled -100 add nothing.
 
-    A batch is `(input_ids, targets)` (pretraining windows) or a dict with `input_ids`, `labels` and
-    optionally `position_ids` and `attention_mask` (packed or padded conversations)."""
+    A batch is `(input_ids, targets)` (pretraining windows) or a `llmctl.train.packing.Batch`
+    (packed or padded conversations: restarting positions, block-diagonal mask, padding). Units are
+    the positions with a target; tokens are the real (non-padding) ones."""
 
     def loss(model: nn.Module, batch: Any) -> LossOutput:
-        if isinstance(batch, dict):
-            x, y = batch["input_ids"].to(device), batch["labels"].to(device)
-            extra = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if k in batch}
-        else:
-            x, y = (t.to(device, non_blocking=True) for t in batch)
-            extra = {}
-        loss_sum = model(x, y, reduction="sum", **extra)
-        return LossOutput(loss_sum, (y != -100).sum(), x.numel())
+        if isinstance(batch, Batch):
+            b = batch.to(device)
+            loss_sum = model(b.input_ids, b.targets, reduction="sum", **b.forward_kwargs())
+            return LossOutput(loss_sum, b.n_trained, b.n_real)
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        return LossOutput(model(x, y, reduction="sum"), (y != IGNORE_INDEX).sum(), x.numel())
 
     return loss
