@@ -37,7 +37,7 @@ class StageContext:
     @property
     def config(self) -> Any:
         """This stage's own config section."""
-        return getattr(self.project, self.stage.sections[0])
+        return self.stage.section_of(self.project)
 
     @property
     def is_main(self) -> bool:

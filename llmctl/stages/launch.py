@@ -111,7 +111,7 @@ def launch_stage(
     processes (`argv`, i.e. sys.argv, is the command line torchrun re-runs)."""
     reporter = reporter or Reporter()
     stage = get_stage(name)
-    section = getattr(project, stage.sections[0])
+    section = stage.section_of(project)
     if D.env_world_size() > 1:
         return LaunchResult(
             _run_on_this_rank(stage, project, project_dir, refs, force, resume, reporter, options)
@@ -167,7 +167,7 @@ def _run_on_this_rank(
     options: dict[str, Any] | None,
 ) -> StageOutcome | None:
     """One rank of a torchrun job: rank 0 runs the stage through the runner, the others follow."""
-    section = getattr(project, stage.sections[0])
+    section = stage.section_of(project)
     info = D.init_distributed(device=getattr(section, "device", "auto"))
     try:
         if info.is_main:
@@ -201,7 +201,7 @@ def _lead(
 
     try:
         plan = plan_stage(stage.name, project, project_dir, refs=refs, options=options)
-        preflight(stage, getattr(project, stage.sections[0]), world_size, plan.inputs)
+        preflight(stage, stage.section_of(project), world_size, plan.inputs)
         outcome = run_plan(
             plan,
             project,

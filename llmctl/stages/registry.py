@@ -107,19 +107,19 @@ class Stage:
     def skip_reason(self, project: Any) -> str | None:
         """Why `llmctl run` leaves this stage out for this project (its module's `skip_reason(section)`,
         e.g. sft without chat data), or None to run it."""
-        module = importlib.import_module(self.module or f"llmctl.stages.{self.name}")
-        decide = getattr(module, "skip_reason", None)
-        section = getattr(project, self.sections[0], None) if self.sections else None
-        return decide(section) if decide is not None else None
+        decide = getattr(self._module(), "skip_reason", None)
+        return decide(self.section_of(project)) if decide is not None else None
 
     def extra_sources(self, project: Any, project_dir: Any) -> list[dict[str, Any]]:
         """Fingerprints of files the stage reads besides its input artifacts and data.sources (its
         module's `source_fingerprint(section, project_dir)`, e.g. sft's chat data): part of the
         reuse key, so changed files make the stage run again."""
-        module = importlib.import_module(self.module or f"llmctl.stages.{self.name}")
-        fingerprint = getattr(module, "source_fingerprint", None)
-        section = getattr(project, self.sections[0], None) if self.sections else None
-        return fingerprint(section, project_dir) if fingerprint is not None else []
+        fingerprint = getattr(self._module(), "source_fingerprint", None)
+        return fingerprint(self.section_of(project), project_dir) if fingerprint is not None else []
+
+    def section_of(self, project: Any) -> Any:
+        """This stage's own section of the project config (None for a stage without one)."""
+        return getattr(project, self.sections[0], None) if self.sections else None
 
     def config_model(self) -> type | None:
         return load_object(self.config) if self.config else None

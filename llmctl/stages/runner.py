@@ -217,7 +217,7 @@ def plan_stage(
     Launchers call it before starting worker processes, so bad references fail once, up front."""
     stage = get_stage(name)
     workspace = workspace_for(project, project_dir)
-    section = getattr(project, stage.sections[0], None) if stage.sections else None
+    section = stage.section_of(project)
     inputs, used_refs = resolve_inputs(stage, workspace, refs or {}, section)
     uses_sources = _uses_sources(stage, inputs)
     sources: list[dict[str, Any]] = []
