@@ -212,6 +212,21 @@ def test_run_skips_sft_without_chat_data_and_the_cli_inspects_a_conversation(tmp
     from llmctl.stages.registry import STAGES
 
     assert STAGES["sft"].skip_reason(plain) == "no sft.data in llmctl.yaml"
+    from llmctl.reporting import Reporter
+    from llmctl.stages.runner import run_pipeline
+
+    class Lines(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    lines = Lines()
+    plain = project_model().model_validate({"name": "t", "workspace": str(tmp_path / "ws")})
+    assert run_pipeline(["sft"], plain, tmp_path, reporter=lines) == []  # left out, not failed
+    assert "sft: skipped (no sft.data in llmctl.yaml)" in lines.lines
 
     folder = tmp_path / "cli"
     folder.mkdir()
@@ -247,3 +262,17 @@ def test_two_processes_through_the_cli(tmp_path, base_model, chat_dir):
     # a batch that does not split over 3 processes is refused before any starts
     bad = run_cli("sft", "--gpus", "3", "--device", "cpu", "--force", cwd=folder)
     assert bad.code == 2 and "sft.batch_size" in bad.stderr and "torch.distributed" not in bad.stderr
+
+
+def test_edited_chat_data_makes_sft_run_again(tmp_path, base_model, chat_dir):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_bytes((chat_dir / "chat.jsonl").read_bytes())
+    data = {"sources": [{"path": str(chat)}], "val_fraction": 0.1}
+    project, folder = sft_project(tmp_path, chat_dir, data=data, max_steps=1, eval_every=0)
+    first = run_sft(project, folder, base_model)
+    assert not first.reused and first.inputs["chat"] == "sft.data"
+    assert run_sft(project, folder, base_model).reused
+    lines = chat.read_text().splitlines()
+    chat.write_text("\n".join(lines[:-1]) + "\n")  # one conversation fewer
+    again = run_sft(project, folder, base_model)
+    assert not again.reused and again.artifact.id == "sft:v0002"
