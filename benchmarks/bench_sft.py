@@ -170,6 +170,7 @@ def run_ours(folder: Path, chat: Path, mode: str, layout: str, args, workdir: Pa
     from llmctl.config.sft import SftConfig
     from llmctl.reporting import Reporter
     from llmctl.stages import sft
+    from llmctl.stages.finetune import Job
     from llmctl.train import distributed as D
 
     cfg = SftConfig.model_validate(
@@ -191,7 +192,7 @@ def run_ours(folder: Path, chat: Path, mode: str, layout: str, args, workdir: Pa
     if args.set:  # what `llmctl sft --set sft.KEY=VALUE` would change
         cfg = SftConfig.model_validate(with_overrides(cfg.model_dump(), args.set))
     run_dir = Path(tempfile.mkdtemp(prefix="ours-", dir=workdir))
-    job = sft.Job(
+    job = Job(
         run_dir=str(run_dir), model_path=str(folder), model_ref=None, project_dir=str(workdir), resumed=False
     )
     result = sft.train(cfg, job, D.init_distributed(device="cpu"), Reporter())

@@ -517,12 +517,15 @@ class Transformer(nn.Module):
             return self.lm_head(x)  # (B, T or logits_to_keep, vocab)
         targets = targets.reshape(-1)  # (B*T,)
         x = x.reshape(-1, x.size(-1))  # (B*T, n_embd)
-        if reduction != "none" and not torch.compiler.is_compiling():
+        keep = None
+        if not torch.compiler.is_compiling():
             # Positions without a target (prompts and padding under assistant-only loss: ~70% of an
             # SFT batch) need no output layer: computing it only where there is a target saved 13% of
             # an SFT step on SmolLM2-135M. Pretraining, where every position has one, skips the gather.
             keep = targets != IGNORE_INDEX
-            if not bool(keep.all()):
+            if bool(keep.all()):
+                keep = None
+            else:
                 x, targets = x[keep], targets[keep]
         logits = self.lm_head(x).float()  # (N, vocab); no-op in fp32, one upcast under bf16 autocast
         # CrossEntropyFunction pays off where (B*T, vocab) buffers are big enough to be fresh mmaps
@@ -538,7 +541,11 @@ class Transformer(nn.Module):
             loss = CrossEntropyFunction.apply(logits, targets, reduction)
         else:
             loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
-        return loss.view(B, T) if reduction == "none" else loss
+        if reduction != "none":
+            return loss
+        if keep is not None:  # per-token losses back in place, 0 where there is no target
+            loss = loss.new_zeros(B * T).masked_scatter(keep, loss)
+        return loss.view(B, T)
 
     @staticmethod
     def _causal(T: int, S: int, past: int, device) -> torch.Tensor:

@@ -16,23 +16,31 @@ Distributed like pretrain: every rank runs `run(ctx)`; only rank 0 writes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llmctl.config.sft import SftConfig
 from llmctl.data.chat import ChatData, Conversation, load_chat_data
 from llmctl.errors import ConfigError, InputError
 from llmctl.model.checkpoint import load_model_folder
-from llmctl.model.config import ModelConfig, flops_per_token, num_params
+from llmctl.model.config import flops_per_token, num_params
 from llmctl.model.hf_tokenizer import FolderTokenizer, load_folder_tokenizer
-from llmctl.model.lora import add_lora, save_peft_adapter, split_lora_state
 from llmctl.reporting import Reporter
+from llmctl.stages.finetune import (
+    Job,
+    TrainedModel,
+    attach_lora,
+    base_training_config,
+    choose_lr,
+    choose_seq_len,
+    merged_state,
+    pad_id_of,
+    publish_model,
+)
 from llmctl.train import distributed as D
-from llmctl.train.chat_template import ensure_chat_template, save_tokenizer_files
+from llmctl.train.chat_template import ensure_chat_template
 from llmctl.train.chat_tokens import ChatExample, check_end_of_turn_trained, tokenize_conversation
 from llmctl.train.loop import Trainer
 from llmctl.train.objectives import next_token_loss
@@ -45,85 +53,25 @@ from llmctl.train.packing import (
     packing_efficiency,
 )
 from llmctl.train.precision import resolve_dtype
-from llmctl.train.publish import save_trained_model, save_training_log
+from llmctl.train.sampler import ShuffledRows
 from llmctl.train.setup import apply_cpu_threads, make_optimizer, prepare_model
 from llmctl.train.validation import loss_validation
 
-ADAPTER_DIR = "adapter"
 DEFAULT_EPOCHS = 3
 FULL_LR_FALLBACK = 2e-5  # full fine-tuning of a model whose pretraining lr is unknown (imported)
 FULL_LR_FRACTION = 0.1  # full fine-tuning: a tenth of the base model's pretraining peak lr
-LORA_LR_FACTOR = 10.0  # LoRA: 10x the full fine-tuning lr (Hu et al. 2021; the usual 2e-4 vs 2e-5)
-
-
-@dataclass(frozen=True)
-class Job:
-    run_dir: str
-    model_path: str
-    model_ref: str | None
-    project_dir: str
-    resumed: bool
-    base_config: dict[str, Any] = field(default_factory=dict)  # the base model's own training config
-    base_lr: float | None = None  # the peak lr the base model was trained with (its manifest)
-    project: str = "llmctl"
-
-
-@dataclass
-class SftResult:
-    model_config: ModelConfig
-    tokenizer: FolderTokenizer
-    model_state: dict[str, torch.Tensor]
-    adapter: dict[str, torch.Tensor] | None  # PEFT-keyed LoRA tensors
-    metrics: dict[str, Any]
 
 
 def run(ctx) -> dict[str, Any]:
     """Stage entry point on every rank; only rank 0 writes the artifact."""
     cfg: SftConfig = ctx.config
     info = D.init_distributed(device=cfg.device)
-    base = ctx.inputs.get("model")
-    if base is None:
-        raise InputError(
-            "sft needs a model and none was given", hint="run `llmctl pretrain` or `llmctl import`"
-        )
-    job = Job(
-        run_dir=str(ctx.run_dir),
-        model_path=str(base.path),
-        model_ref=getattr(base, "id", None),
-        project_dir=str(ctx.project_dir),
-        resumed=ctx.resumed,
-        base_config=dict(getattr(getattr(base, "manifest", None), "config", None) or {}),
-        base_lr=(getattr(getattr(base, "manifest", None), "metrics", None) or {}).get("lr"),
-        project=str(getattr(ctx.project, "name", "llmctl")),
-    )
+    job = Job.from_context(ctx, "sft")
     ctx.device = info.device
-    result = train(cfg, job, info, ctx.reporter, note=ctx.note)
-    if not info.is_main:
-        return {}
-    out = ctx.output_dir
-    tok = result.tokenizer
-    save_trained_model(
-        out,
-        result.model_state,
-        result.model_config,
-        bos_id=tok.bos_id,
-        eos_id=tok.eos_id,
-        pad_id=pad_id_of(tok),
-        stop_ids=tok.stop_ids,
-    )
-    save_tokenizer_files(tok, out)  # the template sft trained with travels with the model
-    if result.adapter is not None:
-        lora = cfg.lora
-        save_peft_adapter(
-            out / ADAPTER_DIR,
-            result.adapter,
-            rank=lora.rank,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            base_model=job.model_ref or job.model_path,
-        )
-    save_training_log(Path(job.run_dir), out, title=f"sft {job.project}")
-    return result.metrics
+    trained = train(cfg, job, info, ctx.reporter, note=ctx.note)
+    if info.is_main:
+        publish_model(ctx.output_dir, trained, cfg.lora, job, title=f"sft {job.project}")
+    return trained.metrics if info.is_main else {}
 
 
 def skip_reason(cfg: SftConfig | None) -> str | None:
@@ -161,51 +109,6 @@ def grad_accum_steps(cfg: SftConfig, world_size: int) -> int:
     return cfg.batch_size // per_pass
 
 
-# ---- inherited hyperparameters -------------------------------------------------------------------
-
-
-def base_training_config(job: Job) -> dict[str, Any]:
-    """The training section the base model was made with (pretrain's, or an earlier sft's), if any."""
-    for section in ("sft", "pretrain"):
-        if isinstance(job.base_config.get(section), dict):
-            return job.base_config[section]
-    return {}
-
-
-def choose_seq_len(cfg: SftConfig, mc: ModelConfig, base: dict[str, Any]) -> tuple[int, str]:
-    if cfg.seq_len is not None:
-        if cfg.seq_len > mc.max_seq_len:
-            raise ConfigError(
-                f"sft.seq_len ({cfg.seq_len}) is longer than the model's context (max_seq_len {mc.max_seq_len})",
-                hint=f"set sft.seq_len={mc.max_seq_len}",
-            )
-        return cfg.seq_len, "sft.seq_len"
-    if isinstance(base.get("seq_len"), int) and base["seq_len"] <= mc.max_seq_len:
-        return base["seq_len"], "inherited from the base model's training"
-    return min(mc.max_seq_len, 2048), "min(max_seq_len, 2048)"
-
-
-def choose_lr(cfg: SftConfig, base_lr: float | None) -> tuple[float, str]:
-    if cfg.optimizer.lr is not None:
-        return cfg.optimizer.lr, "sft.optimizer.lr"
-    if base_lr:
-        full, why = (
-            base_lr * FULL_LR_FRACTION,
-            f"{FULL_LR_FRACTION:g} x the base model's peak lr {base_lr:.2e}",
-        )
-    else:
-        full, why = FULL_LR_FALLBACK, "full fine-tuning default"
-    if cfg.lora.enabled:
-        return full * LORA_LR_FACTOR, f"LoRA: {LORA_LR_FACTOR:g} x ({why})"
-    return full, why
-
-
-def pad_id_of(tok: FolderTokenizer) -> int | None:
-    pad = tok.special_tokens.get("pad_token")
-    found = tok.tokenizer.token_to_id(pad) if pad else None
-    return found if found is not None else tok.eos_id
-
-
 # ---- data ----------------------------------------------------------------------------------------
 
 
@@ -237,43 +140,22 @@ def collate(
     return collate_padded([examples[row[0]] for row in rows], pad_id)
 
 
-class ChatRows:
-    """Training rows in a seeded random order per epoch; each process takes its slice of every
-    micro-batch. Its state (epoch, position) is saved in checkpoints, so resume is exact."""
+class ChatRows(ShuffledRows):
+    """Training rows in a seeded random order per epoch (llmctl.train.sampler), collated packed or
+    padded; counts the positions its batches hold and how many are real tokens."""
 
     def __init__(self, examples, rows, cfg: SftConfig, seq_len: int, pad_id: int, info: D.DistInfo):
-        self.examples, self.rows, self.cfg = examples, rows, cfg
-        self.seq_len, self.pad_id, self.info = seq_len, pad_id, info
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
+        super().__init__(
+            len(rows), micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, info=info, collate=self._collate
+        )
+        self.examples, self.rows, self.cfg, self.seq_len, self.pad_id = examples, rows, cfg, seq_len, pad_id
         self.real_tokens = self.positions = 0  # this process's batches: the padding efficiency
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.rows))
-
-    def next_batch(self) -> Batch:
-        micro, info = self.cfg.micro_batch_size, self.info
-        span = micro * info.world_size
-        picked: list[int] = []
-        while len(picked) < span:
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            take = min(span - len(picked), len(self._order) - self.position)
-            picked.extend(self._order[self.position : self.position + take].tolist())
-            self.position += take
-        mine = picked[info.rank * micro : (info.rank + 1) * micro]
-        batch = collate(self.examples, [self.rows[i] for i in mine], self.cfg, self.seq_len, self.pad_id)
+    def _collate(self, picked: list[int]) -> Batch:
+        batch = collate(self.examples, [self.rows[i] for i in picked], self.cfg, self.seq_len, self.pad_id)
         self.real_tokens += batch.n_real
         self.positions += batch.input_ids.numel()
         return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation(self.epoch)
 
 
 def inspect_example(cfg: SftConfig, base: Any, project_dir: Path, index: int):
@@ -303,7 +185,7 @@ def inspect_example(cfg: SftConfig, base: Any, project_dir: Path, index: int):
 # ---- the recipe ------------------------------------------------------------------------------------
 
 
-def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: Any = None) -> SftResult:
+def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: Any = None) -> TrainedModel:
     """Setup, training and the final (merged) state on every rank; only rank 0 writes files."""
     if not info.is_main:
         reporter = Reporter()
@@ -323,8 +205,15 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
     added_tokens = model.config.vocab_size != base_vocab
     check_end_of_turn_trained(tok)
     mc = model.config
-    seq_len, seq_source = choose_seq_len(cfg, mc, base)
-    lr, lr_source = choose_lr(cfg, job.base_lr)
+    seq_len, seq_source = choose_seq_len("sft", cfg.seq_len, mc, base)
+    lr, lr_source = choose_lr(
+        "sft",
+        cfg.optimizer.lr,
+        cfg.lora,
+        job.base_lr,
+        full_fraction=FULL_LR_FRACTION,
+        fallback=FULL_LR_FALLBACK,
+    )
 
     # -- data: validated conversations -> tokens with assistant-only labels -> rows
     data: ChatData = load_chat_data(cfg.data, Path(job.project_dir), reporter if info.is_main else None)
@@ -367,24 +256,7 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
 
     # -- LoRA or full, wrapped for the device(s)
     if cfg.lora.enabled:
-        try:
-            add_lora(
-                model,
-                rank=cfg.lora.rank,
-                alpha=cfg.lora.alpha,
-                dropout=cfg.lora.dropout,
-                targets=cfg.lora.targets,
-            )
-        except ValueError as e:
-            raise ConfigError(f"sft.lora.targets: {e}", hint="e.g. [q_proj, v_proj]") from None
-        if added_tokens:
-            # New chat tokens start as the mean embedding; frozen, the model could not learn them. The
-            # merged model carries the trained rows; an adapter alone could not (its base lacks them).
-            for p in (*model.model.embed_tokens.parameters(), *model.lm_head.parameters()):
-                p.requires_grad_(True)
-            note(
-                "sft: LoRA with new chat tokens: embeddings trained too; no adapter/ (the base lacks the rows)"
-            )
+        attach_lora(model, cfg.lora, section="sft", added_tokens=added_tokens, note=note)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model = prepare_model(model, cfg, info)
     sharded = cfg.strategy == "fsdp" and info.distributed
@@ -419,10 +291,8 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
     fit = trainer.fit(resume=job.resumed)
 
     model_state, adapter = fit.model_state, None
-    if cfg.lora.enabled and info.is_main:
-        # The published model is plain, adapters folded in; the adapter itself is saved beside it.
-        model_state, adapter = split_lora_state(model_state, scaling=cfg.lora.alpha / cfg.lora.rank)
-        adapter = None if added_tokens else adapter
+    if info.is_main:  # the published model is plain, adapters folded in; the adapter is saved beside it
+        model_state, adapter = merged_state(model_state, cfg.lora, added_tokens)
     metrics = {
         "val_loss": None,
         **fit.metrics,
@@ -438,4 +308,4 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
         "epochs": round(fit.state.step * cfg.batch_size / len(rows), 3),
         "data": {**data.summary(), **fit_counts.as_dict()},
     }
-    return SftResult(mc, tok, model_state, adapter, metrics)
+    return TrainedModel(mc, tok, model_state, adapter, metrics)

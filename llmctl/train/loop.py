@@ -60,6 +60,9 @@ class LossOutput(NamedTuple):
     loss_sum: torch.Tensor  # the loss summed over `units`
     units: torch.Tensor | int  # how many things the loss is an average over (label tokens, pairs)
     tokens: int  # tokens the micro-batch put through the model (for tokens/s and MFU)
+    # Metrics summed over the units like the loss (dpo's "rewards/accuracies", ...): the loop logs
+    # their mean over the global batch beside the loss. The same keys in every micro-batch. Read-only.
+    stats: dict[str, torch.Tensor] = {}
 
 
 LossFn = Callable[[nn.Module, Any], LossOutput]
@@ -114,6 +117,7 @@ class Trainer:
         validate: Callable[[nn.Module], dict[str, float]] | None = None,
         flops_per_token: float | None = None,
         project: str = "llmctl",
+        progress_stats: dict[str, str] | None = None,
     ):
         self.stage = stage
         self.cfg = cfg
@@ -132,6 +136,7 @@ class Trainer:
         self.validate = validate
         self.flops_per_token = flops_per_token
         self.project = project
+        self.progress_stats = progress_stats or {}  # stat key -> its name on the live progress line
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.guard = LossGuard(cfg.spike_factor, cfg.max_bad_steps)
         self.checkpointer = Checkpointer(
@@ -182,11 +187,13 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------
 
-    def _accumulate(self) -> tuple[float, float, int]:
+    def _accumulate(self) -> tuple[float, float, int, dict[str, float]]:
         """Forward/backward over this step's micro-batches; gradients scaled to the global mean.
-        Returns (mean loss over the global batch, grad norm before clipping, tokens in the global batch)."""
+        Returns (mean loss over the global batch, grad norm before clipping, tokens in the global
+        batch, the loss function's stats as means over the global batch's units)."""
         info = self.info
         totals = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, units, tokens
+        stat_sums: dict[str, torch.Tensor] = {}
         for micro in range(self.grad_accum):
             batch = self.source.next_batch()
             with D.grad_sync(self.model, sync=micro == self.grad_accum - 1), self.autocast():
@@ -195,8 +202,13 @@ class Trainer:
             totals[0] += out.loss_sum.detach().double()
             totals[1] += out.units
             totals[2] += out.tokens
+            for key, value in out.stats.items():
+                stat_sums[key] = stat_sums.get(key, 0.0) + value.detach().double()
+        if stat_sums:  # one all-reduce for the totals and the stats together
+            totals = torch.cat([totals, torch.stack(list(stat_sums.values())).to(totals)])
         D.all_reduce(totals)
-        loss_sum, units, tokens = (float(v) for v in totals)
+        loss_sum, units, tokens = (float(v) for v in totals[:3])
+        stats = {k: float(v) / max(units, 1.0) for k, v in zip(stat_sums, totals[3:], strict=True)}
         # DDP and FSDP average gradients over processes; scale them to sum / units of the global batch.
         scale = info.world_size / max(units, 1.0)
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -208,7 +220,7 @@ class Trainer:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return loss_sum / max(units, 1.0), float(norm), int(tokens)
+        return loss_sum / max(units, 1.0), float(norm), int(tokens), stats
 
     def _log(self, row: dict[str, Any], loggers: ExternalLoggers | None) -> None:
         if self.info.is_main:
@@ -246,7 +258,7 @@ class Trainer:
             if info.is_main
             else None
         )
-        loss_value, tok_s, tokens_per_step = float("nan"), 0.0, 0
+        loss_value, tok_s, tokens_per_step, stats = float("nan"), 0.0, 0, {}
         first_step = self.state.step
         updating = at_boundary = False
         self.model.train()
@@ -269,7 +281,7 @@ class Trainer:
                     for group in self.optimizer.param_groups:
                         group["lr"] = step_lr
                     t0 = time.perf_counter()
-                    loss_value, norm_value, tokens_per_step = self._accumulate()
+                    loss_value, norm_value, tokens_per_step, stats = self._accumulate()
                     next_loader = self.source.state_dict()  # where the next step starts
                     skipped = self.guard.is_bad(loss_value, norm_value)  # same on every rank
                     if not skipped:
@@ -302,6 +314,7 @@ class Trainer:
                             "tok_s": round(tok_s, 1),
                             "dt_ms": round(dt * 1000, 2),
                             "mfu": None if step_mfu is None else round(step_mfu, 5),
+                            **stats,
                         }
                         self._log(row, loggers)
                     if self.validate is not None and (
@@ -315,6 +328,11 @@ class Trainer:
                     ):
                         self.save_checkpoint()
                     fields = {"loss": round(loss_value, 4), "lr": f"{step_lr:.2e}", "tok_s": round(tok_s)}
+                    fields.update(
+                        (label, round(stats[key], 3))
+                        for key, label in self.progress_stats.items()
+                        if key in stats
+                    )
                     if step_mfu is not None:
                         fields["mfu"] = f"{step_mfu:.1%}"
                     bar.update(completed=s.step, **fields)
@@ -348,6 +366,7 @@ class Trainer:
             "steps": s.step,
             "tokens": s.tokens,
             "train_loss": loss_value,
+            **{f"train_{k}": v for k, v in stats.items()},
             **self.last_validation,
             "tokens_per_s": round(avg_tok_s, 1),
             "mfu": None if avg_mfu is None else round(avg_mfu, 5),

@@ -77,15 +77,28 @@ def loss_validation(
     batches: Sequence[Any], loss_fn: LossFn, info: D.DistInfo
 ) -> Callable[[nn.Module], dict[str, float]]:
     """A validation hook: the loss function's mean over fixed held-out batches (each process takes
-    every world_size-th batch), weighted by units like training (trained tokens, pairs)."""
+    every world_size-th batch), weighted by units like training (trained tokens, pairs); its stats
+    likewise, as `val_<stat>`."""
 
     def validate(model: nn.Module) -> dict[str, float]:
         sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+        stat_sums: dict[str, torch.Tensor] = {}
         for batch in batches[info.rank :: info.world_size]:
             out = loss_fn(model, batch)
             sums[0] += out.loss_sum.double()
             sums[1] += out.units
+            for key, value in out.stats.items():
+                stat_sums[key] = stat_sums.get(key, 0.0) + value.double()
+        # Every process must join the same all-reduce even with no batch of its own: stats of a known
+        # set of keys would be needed for that, so stats are reduced only when every rank has batches.
+        if stat_sums and len(batches) >= info.world_size:
+            sums = torch.cat([sums, torch.stack(list(stat_sums.values())).to(sums)])
+        else:
+            stat_sums = {}
         D.all_reduce(sums)
-        return {"val_loss": float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")}
+        units = float(sums[1])
+        out = {"val_loss": float(sums[0]) / units if units > 0 else float("nan")}
+        out.update((f"val_{k}", float(v) / units) for k, v in zip(stat_sums, sums[2:], strict=True))
+        return out
 
     return validate
