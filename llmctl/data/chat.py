@@ -20,6 +20,8 @@ Fields that are null are dropped: parquet gives every message every field of its
 
 Files are found and opened by `llmctl.data.sources` (local paths and globs, .gz/.zst, hub datasets
 with their subsets/splits and the offline cache), so chat data reads the same way as pretraining data.
+`read_records` is that reading loop for any kind of record (`RecordKind`: how one record is checked and
+normalized); `llmctl.data.preference` reads preference pairs with it and with these message rules.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import gzip
 import hashlib
 import io
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
-from llmctl.config.data import SourceConfig
+from llmctl.config.data import SourceConfig, SourceLocation
 from llmctl.config.sft import ChatDataConfig, ChatSourceConfig
 from llmctl.data.sources import (
     _PARQUET_BATCH_ROWS,
@@ -51,7 +53,8 @@ from llmctl.reporting import Reporter
 
 ROLES = ("system", "user", "assistant", "tool")
 SOURCES_KEY = "sft.data.sources"
-VAL_SOURCES_KEY = "sft.data.val_sources"
+VAL_SOURCES_KEY = "sft.data.val_sources"  # what load_records names it
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,11 +86,11 @@ class ChatCounts:
 
 
 @dataclass
-class ChatData:
-    """Train and val conversations, with the counts of the reads that made them."""
+class RecordData(Generic[T]):
+    """Train and val records (conversations, preference pairs), with the counts of the reads that made them."""
 
-    train: list[Conversation]
-    val: list[Conversation]
+    train: list[T]
+    val: list[T]
     counts: ChatCounts
     val_counts: ChatCounts | None = None  # set when val comes from val_sources
 
@@ -96,6 +99,11 @@ class ChatData:
         if self.val_counts is not None:
             out["val_sources"] = self.val_counts.to_json()
         return out
+
+
+@dataclass
+class ChatData(RecordData[Conversation]):
+    """Train and val conversations, with the counts of the reads that made them."""
 
 
 class BadRecord(ValueError):
@@ -115,22 +123,11 @@ def load_chat_data(cfg: ChatDataConfig, base_dir: Path, reporter: Reporter | Non
     """Read every source, validate every record, and split off val (val_sources, or val_fraction by a
     hash of each conversation). Raises InputError for bad records (on_error=error), no conversations,
     or a split that leaves nothing to train on."""
-    counts = ChatCounts()
-    conversations = list(read_conversations(cfg.sources, base_dir, cfg.on_error, counts, reporter))
-    if cfg.val_sources is not None:
-        val_counts = ChatCounts()
-        val = list(
-            read_conversations(cfg.val_sources, base_dir, cfg.on_error, val_counts, reporter, VAL_SOURCES_KEY)
+    return ChatData(
+        *load_records(
+            CHAT_RECORDS, cfg, base_dir, reporter, read_conversations, lambda c: c.messages, ChatCounts
         )
-        return ChatData(conversations, val, counts, val_counts)
-    train = [c for c in conversations if not is_val(c.messages, cfg.val_fraction)]
-    val = [c for c in conversations if is_val(c.messages, cfg.val_fraction)]
-    if not train:
-        raise InputError(
-            f"sft.data.val_fraction: all {len(val)} conversations fell in the val split",
-            hint="lower sft.data.val_fraction, or add conversations",
-        )
-    return ChatData(train, val, counts)
+    )
 
 
 def read_conversations(
@@ -146,31 +143,11 @@ def read_conversations(
     `key` names the sources list in error messages (`sft.data.sources[1]: ...`). A source that
     yields no conversation is an InputError: it is empty, or every record in it was skipped.
     """
-    reporter = reporter or Reporter()
     counts = counts if counts is not None else ChatCounts()
-    for index, source in enumerate(sources):
-        files = _chat_files(source, Path(base_dir), index, key)
-        reporter.log(
-            f"chat source {index}: {source.path} ({len(files)} file{'s' if len(files) != 1 else ''})"
-        )
-        n_source = 0
-        for file in files:
-            counts.files += 1
-            for conversation in _read_file(file, source, on_error, counts):
-                yield conversation
-                counts.conversations += 1
-                n_source += 1
-                if source.limit is not None and n_source >= source.limit:
-                    break
-            if source.limit is not None and n_source >= source.limit:
-                break
-        if n_source == 0:
-            skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.skipped.items()))
-            raise InputError(
-                f"{key}[{index}]: {source.path} holds no conversations ({len(files)} file(s), "
-                f"{counts.records} records read so far, skipped: {skipped or 'none'})",
-                hint="each record needs `messages` (or `prompt` and `completion`) with an assistant turn",
-            )
+    for where, conversation in read_records(CHAT_RECORDS, sources, base_dir, on_error, counts, reporter, key):
+        conversation.where = where
+        counts.conversations += 1
+        yield conversation
 
 
 def normalize_record(record: Any, messages_key: str = "messages") -> Conversation:
@@ -206,20 +183,61 @@ def normalize_record(record: Any, messages_key: str = "messages") -> Conversatio
         raise BadRecord(
             "no_messages", f"no {messages_key!r} (nor 'prompt' and 'completion') field (keys present: {keys})"
         )
-    normalized = [_message(m, i) for i, m in enumerate(messages)]
+    normalized = normalize_messages(messages)
     if not any(m["role"] == "assistant" for m in normalized):
         raise BadRecord("no_assistant_turn", "no assistant turn (nothing to train on)")
     extra = {k: v for k, v in record.items() if v is not None}
     return Conversation(normalized, where="", extra=extra, completion_start=completion_start)
 
 
-def is_val(messages: list[dict[str, Any]], val_fraction: float) -> bool:
-    """Whether a conversation belongs to the val split: a hash of its messages, so the split does not
-    depend on file order and identical conversations never straddle it."""
+def load_records(
+    kind: RecordKind,
+    cfg: Any,
+    base_dir: Path,
+    reporter: Reporter | None,
+    read: Callable[..., Iterator[T]],
+    hashed: Callable[[T], Any],
+    counts_type: type[ChatCounts],
+) -> tuple[list[T], list[T], ChatCounts, ChatCounts | None]:
+    """(train, val, counts, val counts) of a data section (`sources`, `on_error`, `val_fraction`,
+    `val_sources`) read by `read` (read_conversations' signature): val is read from val_sources, or
+    split off by `is_val` of each record's `hashed` part. An InputError when val takes everything."""
+    counts = counts_type()
+    items = list(read(cfg.sources, base_dir, cfg.on_error, counts, reporter))
+    if cfg.val_sources is not None:
+        val_counts = counts_type()
+        key = f"{kind.section}.val_sources"
+        return (
+            items,
+            list(read(cfg.val_sources, base_dir, cfg.on_error, val_counts, reporter, key)),
+            counts,
+            val_counts,
+        )
+    flags = [is_val(hashed(item), cfg.val_fraction) for item in items]
+    train = [item for item, held in zip(items, flags, strict=True) if not held]
+    val = [item for item, held in zip(items, flags, strict=True) if held]
+    if not train:
+        raise InputError(
+            f"{kind.section}.val_fraction: all {len(val)} {kind.noun}s fell in the val split",
+            hint=f"lower {kind.section}.val_fraction, or add {kind.noun}s",
+        )
+    return train, val, counts, None
+
+
+def is_val(messages: Any, val_fraction: float) -> bool:
+    """Whether a conversation belongs to the val split: a hash of its messages (any JSON value: a
+    preference pair's prompt too), so the split does not depend on file order and identical
+    conversations never straddle it."""
     if val_fraction <= 0:
         return False
     digest = hashlib.blake2b(orjson.dumps(messages, option=orjson.OPT_SORT_KEYS), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+
+def normalize_messages(messages: list[Any], key: str = "messages") -> list[dict[str, Any]]:
+    """Every message checked (role, content) and normalized (content a string, null fields dropped);
+    `key` names the list in messages (`chosen[1]: empty assistant message`)."""
+    return [_message(m, f"{key}[{i}]") for i, m in enumerate(messages)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +271,7 @@ def _content(value: Any, where: str) -> str | None:
     )
 
 
-def _message(m: Any, i: int) -> dict[str, Any]:
-    where = f"messages[{i}]"
+def _message(m: Any, where: str) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise BadRecord(
             "bad_message", f"{where} is a {type(m).__name__}, not an object with role and content"
@@ -273,62 +290,131 @@ def _message(m: Any, i: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading files (found and opened by llmctl.data.sources)
+# reading records (files found and opened by llmctl.data.sources), for chat data and preference pairs
 
 
-def _as_source(source: ChatSourceConfig) -> SourceConfig:
+@dataclass(frozen=True)
+class RecordKind:
+    """What `read_records` reads: how one record becomes a value, and how messages name things."""
+
+    noun: str  # one record's value, in messages: "conversation", "preference pair"
+    section: str  # the config section, for hints: "sft.data" (-> sft.data.on_error=skip)
+    normalize: Callable[[Any, Any], Any]  # (record, source) -> value; raises BadRecord
+    # (parquet column names, source) -> (what is missing, hint), or None when the columns will do
+    check_columns: Callable[[list[str], Any], tuple[str, str] | None]
+    needs: str  # hint for a source that yields nothing: what a record needs
+
+
+def _chat_columns(columns: list[str], source: ChatSourceConfig) -> tuple[str, str] | None:
+    if source.messages_key in columns or {"prompt", "completion"} <= set(columns):
+        return None
+    return (
+        f"no {source.messages_key!r} column, nor 'prompt' and 'completion'",
+        "set `messages_key` on this source to the column holding the conversations",
+    )
+
+
+CHAT_RECORDS = RecordKind(
+    noun="conversation",
+    section="sft.data",
+    normalize=lambda record, source: normalize_record(record, source.messages_key),
+    check_columns=_chat_columns,
+    needs="each record needs `messages` (or `prompt` and `completion`) with an assistant turn",
+)
+
+
+def read_records(
+    kind: RecordKind,
+    sources: Sequence[SourceLocation],
+    base_dir: Path,
+    on_error: str,
+    counts: ChatCounts,
+    reporter: Reporter | None,
+    key: str,
+) -> Iterator[tuple[str, Any]]:
+    """Yield `(where, value)` for every good record of every source, in order ('file:line' or
+    'file:row'); `counts.files`, `.records` and `.skipped` are updated as they are read (the caller
+    counts what it keeps). A source that yields nothing is an InputError naming `key[index]`."""
+    reporter = reporter or Reporter()
+    for index, source in enumerate(sources):
+        files = _record_files(kind, source, Path(base_dir), index, key)
+        reporter.log(
+            f"{kind.section} source {index}: {source.path} ({len(files)} file{'s' if len(files) != 1 else ''})"
+        )
+        n_source = 0
+        for file in files:
+            counts.files += 1
+            for item in _read_file(kind, file, source, on_error, counts):
+                yield item
+                n_source += 1
+                if source.limit is not None and n_source >= source.limit:
+                    break
+            if source.limit is not None and n_source >= source.limit:
+                break
+        if n_source == 0:
+            skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.skipped.items()))
+            raise InputError(
+                f"{key}[{index}]: {source.path} holds no {kind.noun}s ({len(files)} file(s), "
+                f"{counts.records} records read so far, skipped: {skipped or 'none'})",
+                hint=kind.needs,
+            )
+
+
+def _as_source(source: Any) -> SourceConfig:
     return SourceConfig(
         path=source.path, format=source.format, subset=source.subset, split=source.split, limit=source.limit
     )
 
 
-def chat_fingerprint(cfg: ChatDataConfig, base_dir: Path) -> list[dict[str, Any]]:
-    """What identifies the chat data (files by path, size and mtime; hub datasets by revision), so a
-    stage that read it can tell when it changed; the same entries pretraining sources give."""
+def records_fingerprint(sources: Sequence[SourceLocation], base_dir: Path, tag: str) -> list[dict[str, Any]]:
+    """What identifies record sources (files by path, size and mtime; hub datasets by revision), so a
+    stage that read them can tell when they changed; the entries pretraining sources give, tagged."""
     from types import SimpleNamespace
 
     from llmctl.data.sources import source_fingerprint
 
-    sources = [_as_source(s) for s in [*cfg.sources, *(cfg.val_sources or [])]]
-    return [
-        {"chat": True, **entry} for entry in source_fingerprint(SimpleNamespace(sources=sources), base_dir)
-    ]
+    converted = SimpleNamespace(sources=[_as_source(s) for s in sources])
+    return [{tag: True, **entry} for entry in source_fingerprint(converted, base_dir)]  # type: ignore[arg-type]
 
 
-def _chat_files(source: ChatSourceConfig, base_dir: Path, index: int, key: str) -> list[_File]:
+def chat_fingerprint(cfg: ChatDataConfig, base_dir: Path) -> list[dict[str, Any]]:
+    """What identifies the chat data, so a stage that read it can tell when it changed."""
+    return records_fingerprint([*cfg.sources, *(cfg.val_sources or [])], base_dir, "chat")
+
+
+def _record_files(kind: RecordKind, source: Any, base_dir: Path, index: int, key: str) -> list[_File]:
     files = _resolve_files(_as_source(source), base_dir, index, key)
-    chat_files = [f for f in files if f.format in ("jsonl", "parquet")]  # .txt files hold no records
-    if not chat_files:
+    record_files = [f for f in files if f.format in ("jsonl", "parquet")]  # .txt files hold no records
+    if not record_files:
         raise InputError(
             f"{key}[{index}]: no JSONL or parquet files in {source.path}",
-            hint="chat data is JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or parquet, one conversation per record",
+            hint=f"{kind.section} is JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or parquet, one {kind.noun} per record",
         )
-    return chat_files
+    return record_files
 
 
 def _read_file(
-    file: _File, source: ChatSourceConfig, on_error: str, counts: ChatCounts
-) -> Iterator[Conversation]:
+    kind: RecordKind, file: _File, source: Any, on_error: str, counts: ChatCounts
+) -> Iterator[tuple[str, Any]]:
     import zstandard
 
-    records = _jsonl_records(file) if file.format == "jsonl" else _parquet_records(file, source)
+    records = _jsonl_records(file) if file.format == "jsonl" else _parquet_records(kind, file, source)
     try:
         for line_no, record in records:
             counts.records += 1
             try:
                 if isinstance(record, BadRecord):
                     raise record
-                conversation = normalize_record(record, source.messages_key)
+                value = kind.normalize(record, source)
             except BadRecord as bad:
                 if on_error == "skip":
                     counts.skipped[bad.reason] += 1
                     continue
                 raise InputError(
                     f"{file.display}:{line_no}: {bad.message}",
-                    hint="fix or remove that record, or set sft.data.on_error=skip to skip and count such records",
+                    hint=f"fix or remove that record, or set {kind.section}.on_error=skip to skip and count such records",
                 ) from None
-            conversation.where = f"{file.display}:{line_no}"
-            yield conversation
+            yield f"{file.display}:{line_no}", value
     except (gzip.BadGzipFile, EOFError, zstandard.ZstdError, OSError) as e:
         if isinstance(e, FileNotFoundError | PermissionError):
             raise InputError(
@@ -351,7 +437,7 @@ def _jsonl_records(file: _File) -> Iterator[tuple[int, Any]]:
                 yield line_no, BadRecord("malformed_json", f"malformed JSON ({e})")
 
 
-def _parquet_records(file: _File, source: ChatSourceConfig) -> Iterator[tuple[int, Any]]:
+def _parquet_records(kind: RecordKind, file: _File, source: Any) -> Iterator[tuple[int, Any]]:
     """(row number from 1, row as a dict) for every row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -362,12 +448,9 @@ def _parquet_records(file: _File, source: ChatSourceConfig) -> Iterator[tuple[in
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
             raise _corrupt(file, e) from e
         columns = pf.schema_arrow.names
-        if source.messages_key not in columns and not {"prompt", "completion"} <= set(columns):
-            raise InputError(
-                f"{file.display}: no {source.messages_key!r} column, nor 'prompt' and 'completion' "
-                f"(columns: {', '.join(columns)})",
-                hint="set `messages_key` on this source to the column holding the conversations",
-            )
+        if (problem := kind.check_columns(columns, source)) is not None:
+            missing, hint = problem
+            raise InputError(f"{file.display}: {missing} (columns: {', '.join(columns)})", hint=hint)
         row = 0
         try:
             for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
