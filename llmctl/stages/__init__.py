@@ -77,6 +77,19 @@ register(
 )
 register(
     Stage(
+        name="dpo",
+        description="Optimise a model on preference pairs (DPO, cDPO, robust DPO, IPO, SimPO).",
+        output_kind=MODEL,
+        sections=("dpo",),
+        config="llmctl.config.dpo:DpoConfig",
+        command="llmctl.cli.dpo:dpo",
+        inputs=(InputSlot("model", (MODEL,), newest_in_pipeline=True, config_key="model"),),
+        keeps_run_dir=True,
+        distributed=True,
+    )
+)
+register(
+    Stage(
         name="eval",
         description="Score a model on benchmarks, custom tasks and perplexity.",
         output_kind=EVAL,

@@ -158,8 +158,12 @@ class ExternalLoggers:
             self.wandb.finish()
 
 
+PANEL_METRICS = ("rewards/accuracies",)  # drawn in a second panel, train and val, when a run logs them
+
+
 def plot_losses(metrics_path: Path, out_path: Path, title: str = "pretrain") -> Path | None:
-    """Train (and val) loss against tokens as a PNG; None when there is nothing to plot."""
+    """Train (and val) loss against tokens as a PNG, with a second panel for a preference run's
+    reward accuracy; None when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; safe in threads and on servers
@@ -170,16 +174,29 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "pretrain") -> 
     val = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val", markersize=3)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = [key for key in PANEL_METRICS if any(key in r for r in rows)]
+    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2.5 * len(panels)), dpi=100, sharex=True)
+    axes = list(axes) if panels else [axes]
+    _curves(axes[0], train, val, "loss (nats/token)" if not panels else "loss")
+    for ax, key in zip(axes[1:], panels, strict=True):
+        _curves(
+            ax,
+            [(r["tokens"], r[key]) for r in rows if key in r],
+            [(r["tokens"], r[f"val_{key}"]) for r in rows if r.get(f"val_{key}") is not None],
+            key,
+        )
+    axes[0].set_title(title)
+    axes[-1].set_xlabel("tokens")
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def _curves(ax, train: list[tuple[float, float]], val: list[tuple[float, float]], label: str) -> None:
+    ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val", markersize=3)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend()
