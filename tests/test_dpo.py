@@ -215,3 +215,17 @@ def test_two_processes_compute_the_reference_by_shares(tmp_path, base_model, pai
         tables[gpus] = load_file(str(path))
     assert tables[1]["train"].abs().min() > 0  # every pair got its log-probs, none left at 0
     torch.testing.assert_close(tables[2]["train"], tables[1]["train"], rtol=0, atol=1e-5)
+
+
+def test_edited_pairs_make_dpo_run_again(tmp_path, base_model, pairs_file):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(pairs_file.read_bytes())
+    data = {"sources": [{"path": str(pairs)}], "val_fraction": 0.1}
+    project, folder = dpo_project(tmp_path, pairs_file, data=data, max_steps=1, eval_every=0)
+    first = run_dpo(project, folder, base_model)
+    assert not first.reused and first.inputs["preferences"] == "dpo.data" and "sources" not in first.inputs
+    assert run_dpo(project, folder, base_model).reused
+    lines = pairs.read_text().splitlines()
+    pairs.write_text("\n".join(lines[:-1]) + "\n")  # one pair fewer
+    again = run_dpo(project, folder, base_model)
+    assert not again.reused and again.artifact.id == "dpo:v0002"

@@ -3,7 +3,7 @@
 The commands are read from README.md (the ```bash block under "## A tour"), so a change to the tour
 is tested as written. What cannot run here is adapted, each for a stated reason:
 
-- training budget: `run`, `pretrain` and `sft` get `--set <stage>.max_steps=TOUR_STEPS` (a line that
+- training budget: `run`, `pretrain`, `sft` and `dpo` get `--set <stage>.max_steps=TOUR_STEPS` (a line that
   sets max_steps itself keeps its own, distinct budget, capped), so the tour takes minutes on 2 CPU cores;
 - `--gpus N` without CUDA: documented to refuse with exit 2 (no silent CPU processes); skipped on
   machines with CUDA (an 8-process launch is not a unit test);
@@ -56,8 +56,13 @@ def _cuda_available() -> bool:
 
 
 def _with_budget(args: list[str]) -> list[str]:
-    """`run`/`pretrain`/`sft` with a small training budget; a line's own max_steps stays distinct, capped."""
-    stages = {"run": ("pretrain", "sft"), "pretrain": ("pretrain",), "sft": ("sft",)}.get(args[0], ())
+    """Training commands with a small training budget; a line's own max_steps stays distinct, capped."""
+    stages = {
+        "run": ("pretrain", "sft", "dpo"),
+        "pretrain": ("pretrain",),
+        "sft": ("sft",),
+        "dpo": ("dpo",),
+    }.get(args[0], ())
     if not stages or "--gpus" in args or "--inspect" in args:
         return args
     out = list(args)

@@ -42,6 +42,9 @@ from llmctl.workspace.manifest import (
 )
 from llmctl.workspace.store import Artifact, RunInfo, Workspace
 
+# How llmctl.data.chat.records_fingerprint tags a stage's own record files: sft's chat, dpo's pairs.
+RECORD_TAGS = ("chat", "preferences")
+
 
 @dataclass(frozen=True)
 class StageOutcome:
@@ -197,10 +200,10 @@ class StagePlan:
     def consumed(self) -> dict[str, str]:
         """What this stage reads, for run summaries: slot -> artifact id, or data.sources."""
         consumed = {r.slot: r.id for r in self.input_records}
-        if any(not entry.get("chat") for entry in self.sources):
-            consumed["sources"] = "data.sources"
-        if any(entry.get("chat") for entry in self.sources):
-            consumed["chat"] = f"{self.stage.name}.data"
+        # A stage's own record files (sft's chat data, dpo's pairs) are tagged by their kind.
+        for entry in self.sources:
+            kind = next((tag for tag in RECORD_TAGS if entry.get(tag)), None)
+            consumed[kind or "sources"] = f"{self.stage.name}.data" if kind else "data.sources"
         return consumed
 
 
