@@ -60,9 +60,18 @@ class LossOutput(NamedTuple):
     loss_sum: torch.Tensor  # the loss summed over `units`
     units: torch.Tensor | int  # how many things the loss is an average over (label tokens, pairs)
     tokens: int  # tokens the micro-batch put through the model (for tokens/s and MFU)
-    # Metrics summed over the units like the loss (dpo's "rewards/accuracies", ...): the loop logs
-    # their mean over the global batch beside the loss. The same keys in every micro-batch. Read-only.
-    stats: dict[str, torch.Tensor] = {}
+    # Metrics summed over the units like the loss (dpo's "rewards/accuracies", ...), or (sum, count)
+    # pairs averaged over their own count (grpo's per-token KL): the loop logs their mean over the
+    # global batch beside the loss. The same keys in every micro-batch. Read-only.
+    stats: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def stat_parts(value: torch.Tensor | tuple[torch.Tensor, torch.Tensor], units: Any) -> torch.Tensor:
+    """(sum, count) of a LossOutput stat as one float64 pair; a plain sum counts the loss's units."""
+    total, count = value if isinstance(value, tuple) else (value, units)
+    return torch.stack(
+        [torch.as_tensor(total).detach().double().cpu(), torch.as_tensor(count).double().cpu()]
+    )
 
 
 LossFn = Callable[[nn.Module, Any], LossOutput]
@@ -203,12 +212,13 @@ class Trainer:
             totals[1] += out.units
             totals[2] += out.tokens
             for key, value in out.stats.items():
-                stat_sums[key] = stat_sums.get(key, 0.0) + value.detach().double()
+                stat_sums[key] = stat_sums.get(key, 0.0) + stat_parts(value, out.units)
         if stat_sums:  # one all-reduce for the totals and the stats together
-            totals = torch.cat([totals, torch.stack(list(stat_sums.values())).to(totals)])
+            totals = torch.cat([totals, torch.cat(list(stat_sums.values())).to(totals)])
         D.all_reduce(totals)
         loss_sum, units, tokens = (float(v) for v in totals[:3])
-        stats = {k: float(v) / max(units, 1.0) for k, v in zip(stat_sums, totals[3:], strict=True)}
+        pairs = totals[3:].view(-1, 2).tolist()
+        stats = {k: (s / c if c else float("nan")) for k, (s, c) in zip(stat_sums, pairs, strict=True)}
         # DDP and FSDP average gradients over processes; scale them to sum / units of the global batch.
         scale = info.world_size / max(units, 1.0)
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -282,6 +292,11 @@ class Trainer:
                         group["lr"] = step_lr
                     t0 = time.perf_counter()
                     loss_value, norm_value, tokens_per_step, stats = self._accumulate()
+                    # What the batch source measured making this step's data (rollouts: rewards, time).
+                    stats = {
+                        **stats,
+                        **(self.source.pop_stats() if hasattr(self.source, "pop_stats") else {}),
+                    }
                     next_loader = self.source.state_dict()  # where the next step starts
                     skipped = self.guard.is_bad(loss_value, norm_value)  # same on every rank
                     if not skipped:

@@ -18,7 +18,7 @@ from torch import nn
 from llmctl.data.loader import val_batches
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.train import distributed as D
-from llmctl.train.loop import LossFn
+from llmctl.train.loop import LossFn, stat_parts
 
 
 def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
@@ -88,17 +88,20 @@ def loss_validation(
             sums[0] += out.loss_sum.double()
             sums[1] += out.units
             for key, value in out.stats.items():
-                stat_sums[key] = stat_sums.get(key, 0.0) + value.double()
+                stat_sums[key] = stat_sums.get(key, 0.0) + stat_parts(value, out.units)
         # Every process must join the same all-reduce even with no batch of its own: stats of a known
         # set of keys would be needed for that, so stats are reduced only when every rank has batches.
         if stat_sums and len(batches) >= info.world_size:
-            sums = torch.cat([sums, torch.stack(list(stat_sums.values())).to(sums)])
+            sums = torch.cat([sums, torch.cat(list(stat_sums.values())).to(sums)])
         else:
             stat_sums = {}
         D.all_reduce(sums)
         units = float(sums[1])
         out = {"val_loss": float(sums[0]) / units if units > 0 else float("nan")}
-        out.update((f"val_{k}", float(v) / units) for k, v in zip(stat_sums, sums[2:], strict=True))
+        pairs = sums[2:].view(-1, 2).tolist()
+        out.update(
+            (f"val_{k}", s / c if c else float("nan")) for k, (s, c) in zip(stat_sums, pairs, strict=True)
+        )
         return out
 
     return validate
