@@ -104,15 +104,17 @@ def init_project(dest: Path, template_name: str = "tiny", name: str | None = Non
             generate_corpus(
                 staging / "data", n_docs=int(synthetic["docs"]), seed=int(synthetic.get("seed", 0))
             )
-            if synthetic.get("conversations"):  # chat data and preference pairs about the same world
+            if synthetic.get("conversations"):  # chat data, preference pairs and RL prompts about one world
                 from llmctl.data.synthetic_chat import generate_chat
                 from llmctl.data.synthetic_preferences import DEFAULT_PAIRS, generate_preferences
+                from llmctl.data.synthetic_rl import generate_rl_prompts
 
                 seed = int(synthetic.get("seed", 0))
                 generate_chat(staging / "data", int(synthetic["conversations"]), seed=seed)
                 generate_preferences(
                     staging / "data", int(synthetic.get("preferences", DEFAULT_PAIRS)), seed=seed
                 )
+                generate_rl_prompts(staging / "data", seed=seed)
             made["files"] += sorted(f"data/{p.name}" for p in (staging / "data").iterdir())
         if dest.exists():
             dest.rmdir()

@@ -1,0 +1,1 @@
+"""Reinforcement learning with verifiable rewards: prompt data, verifiers, rollouts (the grpo stage's parts)."""
