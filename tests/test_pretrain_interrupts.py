@@ -106,3 +106,42 @@ def test_sigint_at_any_moment_checkpoints_at_a_step_boundary_and_resume_skips_da
     assert result.code == 2, result.stderr
     assert "no readable checkpoint to resume from" in result.stderr and "optimizer.pt" in result.stderr
     assert "llmctl import" not in result.stderr and "Hint:" in result.stderr
+
+
+# SIGINT sent from inside the third optimizer.step(): the deterministic form of "a signal lands in the
+# middle of a weight update" (the test above finds that moment only by chance).
+_SIGINT_IN_OPTIMIZER_STEP = """
+import os, signal, sys, torch
+update = torch.optim.AdamW.step
+calls = 0
+
+def step(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == 3:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered before the update below runs
+    return update(self, *args, **kwargs)
+
+torch.optim.AdamW.step = step
+from llmctl.cli.app import main
+sys.argv = ["llmctl", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigint_inside_the_optimizer_step_finishes_the_step_and_checkpoints_it(tokenized):
+    from llmctl.train.checkpoint import load_checkpoint
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGINT_IN_OPTIMIZER_STEP, "pretrain", *SETS],
+        cwd=tokenized,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "weight update" not in proc.stderr, proc.stderr
+    assert "checkpoint saved at step 3" in proc.stderr, proc.stderr
+    [folder] = list((tokenized / "workspace").rglob("checkpoints/step_000003"))
+    assert load_checkpoint(folder)[2]["step"] == 3
