@@ -19,7 +19,8 @@ ALLOWED = {
     "workspace": {"workspace"},
     "train": {"train", "model", "data", "config"},
     "evals": {"evals", "model", "data", "config"},
-    "stages": {"stages", "workspace", "model", "data", "train", "evals", "config"},
+    "rl": {"rl", "model", "data", "train", "config"},
+    "stages": {"stages", "workspace", "model", "data", "train", "evals", "rl", "config"},
     "cli": None,  # the top: may import anything
 }
 

@@ -3,7 +3,7 @@
 The commands are read from README.md (the ```bash block under "## A tour"), so a change to the tour
 is tested as written. What cannot run here is adapted, each for a stated reason:
 
-- training budget: `run`, `pretrain`, `sft` and `dpo` get `--set <stage>.max_steps=TOUR_STEPS` (a line that
+- training budget: `run` and each training stage get `--set <stage>.max_steps=TOUR_STEPS` (a line that
   sets max_steps itself keeps its own, distinct budget, capped), so the tour takes minutes on 2 CPU cores;
 - `--gpus N` without CUDA: documented to refuse with exit 2 (no silent CPU processes); skipped on
   machines with CUDA (an 8-process launch is not a unit test);

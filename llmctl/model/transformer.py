@@ -449,7 +449,8 @@ class Transformer(nn.Module):
         logits_to_keep: int = 0,
         reduction: str = "mean",
         return_hidden: bool = False,
-    ) -> torch.Tensor:
+        entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) for idx (B, T); or the cross-entropy loss when targets (B, T) are given.
 
         - targets: next-token ids; positions equal to IGNORE_INDEX (-100) add no loss. `reduction`
@@ -463,6 +464,8 @@ class Transformer(nn.Module):
         - logits_to_keep: compute logits for the last N positions only (0 = all); generation uses 1.
         - return_hidden: return the final-norm hidden states (B, T, n_embd) instead of logits, for
           callers that apply lm_head only at the positions they score.
+        - entropy: with reduction "none", also return the entropy of each target position's
+          next-token distribution (B, T), detached, 0 where there is no target (RL's metric).
         """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
@@ -545,7 +548,14 @@ class Transformer(nn.Module):
             return loss
         if keep is not None:  # per-token losses back in place, 0 where there is no target
             loss = loss.new_zeros(B * T).masked_scatter(keep, loss)
-        return loss.view(B, T)
+        if not entropy:
+            return loss.view(B, T)
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.detach(), dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            if keep is not None:
+                ent = ent.new_zeros(B * T).masked_scatter(keep, ent)
+        return loss.view(B, T), ent.view(B, T)
 
     @staticmethod
     def _causal(T: int, S: int, past: int, device) -> torch.Tensor:

@@ -87,7 +87,8 @@ def policy_loss(
         kl = torch.exp(diff) - diff - 1
         per_token = per_token + beta * kl
     per_token = per_token * mask
-    sequences = logps.size(0)
+    # Rows with no completion token (a micro-batch left empty by dropped groups) count for nothing.
+    sequences = int((mask.sum(-1) > 0).sum())
     if loss_type == "grpo":
         loss_sum = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
         units = float(sequences)

@@ -90,6 +90,19 @@ register(
 )
 register(
     Stage(
+        name="grpo",
+        description="Reinforcement learning with verifiable rewards (GRPO, DAPO, Dr. GRPO) on rollouts from our engine.",
+        output_kind=MODEL,
+        sections=("grpo",),
+        config="llmctl.config.grpo:GrpoConfig",
+        command="llmctl.cli.grpo:grpo",
+        inputs=(InputSlot("model", (MODEL,), newest_in_pipeline=True, config_key="model"),),
+        keeps_run_dir=True,
+        distributed=True,
+    )
+)
+register(
+    Stage(
         name="eval",
         description="Score a model on benchmarks, custom tasks and perplexity.",
         output_kind=EVAL,

@@ -42,8 +42,9 @@ from llmctl.workspace.manifest import (
 )
 from llmctl.workspace.store import Artifact, RunInfo, Workspace
 
-# How llmctl.data.chat.records_fingerprint tags a stage's own record files: sft's chat, dpo's pairs.
-RECORD_TAGS = ("chat", "preferences")
+# How llmctl.data.chat.records_fingerprint tags a stage's own record files: sft's chat, dpo's pairs,
+# grpo's prompts.
+RECORD_TAGS = ("chat", "preferences", "prompts")
 
 
 @dataclass(frozen=True)
