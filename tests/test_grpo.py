@@ -126,7 +126,9 @@ def test_an_interrupted_run_resumes_bit_exactly(tmp_path, base_model, prompts_di
 
     def next_batch(self):
         calls["n"] += 1
-        if calls["n"] == 2 * 3 + 1:  # grad_accum 2: the first micro-batch of step 4, after the step-2 checkpoint
+        if (
+            calls["n"] == 2 * 3 + 1
+        ):  # grad_accum 2: the first micro-batch of step 4, after the step-2 checkpoint
             raise KeyboardInterrupt
         return real_next(self)
 
@@ -182,3 +184,33 @@ def test_configs_that_cannot_work_fail_before_training(tmp_path, base_model, pro
     from llmctl.stages.registry import STAGES
 
     assert STAGES["grpo"].skip_reason(plain) == "no grpo.data in llmctl.yaml"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_rollouts_sample_from_the_policy_as_updated(base_model, lora):
+    """A long-lived engine must decode with the weights the optimizer just wrote: fused AdamW (the CPU
+    default) updates parameters without bumping their version counters, and LoRA lives in hooks."""
+    from llmctl.model.checkpoint import load_model_folder
+    from llmctl.model.engine import Engine, SamplingParams
+    from llmctl.model.lora import add_lora
+    from llmctl.rl.rollout import collate_rollout, completion_tokens
+
+    model, _ = load_model_folder(base_model, dtype=torch.float32)
+    if lora:
+        add_lora(model, rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
+    engine = Engine(model)
+    prompts = [[1, 5, 9, 13], [2, 6]]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, logprobs=True)
+    engine.generate(prompts, params, n=2)  # the engine now holds whatever it decodes with
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    optimizer.step()
+    outs = engine.generate(prompts, params, n=2)
+    batch = collate_rollout(
+        [prompts[i // 2] for i in range(4)], [completion_tokens(o) for o in outs], torch.zeros(4), 0
+    )
+    with torch.no_grad():
+        logps = -model(batch.input_ids, batch.targets, reduction="none")
+    assert ((logps - batch.old_logps) * batch.mask).abs().max() < 1e-4

@@ -33,6 +33,8 @@ def packing_pays_off(model: Transformer) -> bool:
     """Packed decode is measured faster for fp32 weights on CPU (the only case measured); GPUs have
     fast few-row GEMMs, and MKL has no batched bf16 GEMM to spread over cores."""
     weight = model.lm_head.weight
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        return False  # adapters live in hooks on the linear layers; packed weights would skip them
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
@@ -96,7 +98,9 @@ class PackedDecoder:
         )
 
     def _weights_signature(self) -> tuple:
-        """Which tensors the parameters are and how often each was written in place."""
+        """Which tensors the parameters are, how often each was written in place, and one value of
+        each: fused optimizers (AdamW(fused=True), the CPU default here) update parameters without
+        bumping their version counters, and an optimizer step changes every element."""
 
         def version(p: torch.Tensor) -> int:
             try:
@@ -104,7 +108,12 @@ class PackedDecoder:
             except RuntimeError:  # an inference-mode tensor: it cannot be updated in place
                 return 0
 
-        return tuple((p.data_ptr(), version(p)) for p in self.model.parameters())
+        params = list(self.model.parameters())
+        with torch.no_grad():
+            probes = (
+                torch.stack([p.detach().reshape(-1)[-1].float() for p in params]).tolist() if params else []
+            )
+        return tuple((p.data_ptr(), version(p), probe) for p, probe in zip(params, probes, strict=True))
 
     def is_current(self) -> bool:
         """False once any parameter was replaced or updated in place since packing."""
