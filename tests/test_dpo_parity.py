@@ -130,11 +130,23 @@ def trainer_args(config_cls, out: Path, **kwargs):
     )
 
 
-def trl_dpo(folders, tmp_path, loss_type: str, label_smoothing: float) -> dict[str, list[float]]:
+def trl_dpo(
+    folders,
+    tmp_path,
+    loss_type: str | list[str],
+    label_smoothing: float,
+    loss_weights: list[float] | None = None,
+) -> dict[str, list[float]]:
     """Per-pair loss, rewards, policy and reference log-probs from DPOTrainer's loss computation."""
     ref_folder, policy_folder = folders
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
     args = trainer_args(
-        trl.DPOConfig, tmp_path, beta=BETA, loss_type=[loss_type], label_smoothing=label_smoothing
+        trl.DPOConfig,
+        tmp_path,
+        beta=BETA,
+        loss_type=types,
+        label_smoothing=label_smoothing,
+        loss_weights=loss_weights,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -288,3 +300,24 @@ def test_simpo_matches_cpo_trainer(folders, ours, tmp_path, label_smoothing):
     assert_close(
         ours["policy_rejected"] / ours["rejected_tokens"], rows["rejected_logps"], what="mean logps/rejected"
     )
+
+
+def test_sft_term_matches_dpo_trainer(folders, ours, tmp_path):
+    """dpo.sft_weight is TRL's loss_type [sigmoid, sft] with loss_weights [1, w]: the chosen tokens'
+    mean NLL added to the preference loss, through llmctl's own loss function (one pair per batch)."""
+    from llmctl.config.dpo import DpoConfig
+    from llmctl.stages.dpo import preference_objective
+
+    weight = 0.7
+    theirs = trl_dpo(folders, tmp_path, ["sigmoid", "sft"], 0.0, loss_weights=[1.0, weight])
+    reference = torch.stack([ours["ref_chosen"], ours["ref_rejected"]], dim=-1)
+    loss_fn = preference_objective(DpoConfig(beta=BETA, sft_weight=weight), reference, "cpu")
+    model, _ = load_model_folder(folders[1], dtype=torch.float32)
+    with torch.no_grad():
+        losses = [
+            loss_fn(model, collate_pairs([pair], pad_id=0, indices=[i])).loss_sum
+            for i, pair in enumerate(PAIRS)
+        ]
+    assert_close(torch.stack(losses), theirs["loss"], what="sigmoid + sft loss")
+    plain = our_scores(ours, "sigmoid", beta=BETA).losses
+    assert (torch.stack(losses) - plain).min() > 0.1  # the term is really there

@@ -56,6 +56,12 @@ class DpoConfig(TrainingConfig):
         "also applied by simpo; ignored by ipo.",
     )
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin gamma.")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Add this x the chosen answers' mean token NLL to the loss (TRL's loss_type [..., sft] "
+        "with loss_weights; RPO): keeps the chosen answers likely while the margin grows.",
+    )
     seq_len: int | None = Field(
         None,
         ge=8,

@@ -221,10 +221,15 @@ def preference_objective(cfg: DpoConfig, reference: torch.Tensor | None, device:
             label_smoothing=cfg.label_smoothing,
             simpo_gamma=cfg.simpo_gamma,
         )
+        loss_sum = scores.losses.sum()
+        if cfg.sft_weight:  # TRL's "sft" term: the chosen tokens' mean NLL over the micro-batch, per pair
+            loss_sum = loss_sum + cfg.sft_weight * len(batch.indices) * (
+                -chosen.sum() / n_c.sum().clamp_min(1)
+            )
         if cfg.loss == "simpo":  # SimPO's log-probs are per-token means, as TRL logs them
             chosen, rejected = chosen / n_c.clamp_min(1), rejected / n_r.clamp_min(1)
         stats = pair_stats(scores, chosen, rejected)
-        return LossOutput(scores.losses.sum(), len(batch.indices), b.n_real, stats)
+        return LossOutput(loss_sum, len(batch.indices), b.n_real, stats)
 
     return loss
 
@@ -292,6 +297,7 @@ def train(cfg: DpoConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
         f"dpo: loss {cfg.loss}, beta {beta:g}"
         + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
         + (f", gamma {cfg.simpo_gamma:g}" if cfg.loss == "simpo" else "")
+        + (f", sft weight {cfg.sft_weight:g}" if cfg.sft_weight else "")
         + f"; {max_steps:,} steps ({horizon}, {steps_per_epoch} per epoch), batch {cfg.batch_size} pairs, "
         f"grad_accum {accum}, lr {lr:.2e} ({lr_source}), "
         + (f"LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g}" if cfg.lora.enabled else "full fine-tuning")
@@ -365,6 +371,7 @@ def train(cfg: DpoConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
         **fit.metrics,
         "loss_type": cfg.loss,
         "beta": beta,
+        "sft_weight": cfg.sft_weight,
         "params": num_params(mc),
         "trainable_params": trainable,
         "pairs": len(train_pairs),
