@@ -31,7 +31,7 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     result = run_cli("run", "--json", cwd=project, timeout=1800)
     assert result.code == 0, result.stderr[-3000:]
     stages = {row["stage"]: row for row in result.json()["stages"]}
-    assert list(stages) == ["dedup", "filter", "tokenize", "pretrain", "sft", "dpo", "grpo", "eval"]
+    assert list(stages) == ["dedup", "filter", "tokenize", "pretrain", "sft", "dpo", "eval"]
     assert all(row["artifact"].endswith(":v0001") and not row["reused"] for row in stages.values())
     # the summary says what each stage consumed: what the stage before it in this run produced
     assert stages["filter"]["inputs"] == {"corpus": "dedup:v0001"}
@@ -39,8 +39,7 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     assert stages["pretrain"]["inputs"] == {"data": "tokenize:v0001"}
     assert stages["sft"]["inputs"] == {"model": "pretrain:v0001", "chat": "sft.data"}
     assert stages["dpo"]["inputs"] == {"model": "sft:v0001", "preferences": "dpo.data"}
-    assert stages["grpo"]["inputs"] == {"model": "dpo:v0001", "prompts": "grpo.data"}
-    assert stages["eval"]["inputs"] == {"model": "grpo:v0001", "data": "tokenize:v0001"}
+    assert stages["eval"]["inputs"] == {"model": "dpo:v0001", "data": "tokenize:v0001"}
 
     dedup = stages["dedup"]["metrics"]
     assert dedup["exact_duplicates"] > 0 and dedup["near_duplicates"] > 0
@@ -64,17 +63,10 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     # score, beside the sft model it started from, does not fall by more than its standard error.
     dpo = stages["dpo"]["metrics"]
     assert dpo["val_rewards/accuracies"] > 0.75 and dpo["val_rewards/margins"] > 0, dpo
-    dpo_eval = run_cli("eval", "world_chat", "--ckpt", "dpo:v0001", "--json", cwd=project, timeout=300)
-    assert dpo_eval.code == 0, dpo_eval.stderr[-3000:]
-    after_dpo = dpo_eval.json()["tasks"]["world_chat"]
+    after_dpo = _eval_results(project, stages["eval"]["artifact"])["tasks"]["world_chat"]
     assert after_dpo["base_model"] == "sft:v0001"
     change = after_dpo["vs_base"]["contains"]
     assert change["delta"] >= -after_dpo["stderr"]["contains"], after_dpo
-
-    # grpo: the held-out prompts (subjects no RL prompt asks about), answered greedily, score higher
-    # than before RL by more than twice the paired standard error.
-    grpo = stages["grpo"]["metrics"]
-    assert grpo["val_reward_gain"] > 2 * grpo["val_reward_gain_stderr"] > 0, grpo
     scores = stages["eval"]["metrics"]
     assert scores["world_chat/stopped"] > 0.9, scores
     assert scores["world_mc/acc"] > 0.35, scores  # chance is 0.25 with 4 choices
@@ -87,7 +79,7 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     while node.get("inputs"):
         node = node["inputs"][0]
         chain.append(node["id"])
-    assert chain[:6] == ["grpo:v0001", "dpo:v0001", "sft:v0001", "pretrain:v0001", "tokenize:v0001", "filter:v0001"]
+    assert chain[:5] == ["dpo:v0001", "sft:v0001", "pretrain:v0001", "tokenize:v0001", "filter:v0001"]
 
     # The README's and `generate --help`'s prompts for this model ask for a fact the corpus states:
     # the model completes it (the answer is read from the corpus the template generated).
