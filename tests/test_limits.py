@@ -119,3 +119,86 @@ def test_token_shard_buffers_are_bounded_by_memory(tmp_path):
     (line,) = _errors(_project(tmp_path, "tokenize.shard_tokens=10000000000"), ["tokenize"])
     assert line.startswith("tokenize.shard_tokens: 10,000,000,000 tokens per shard are buffered in memory")
     assert line.endswith(f"at most {8 * GB // 8:,} fit")
+
+
+# ---- fine-tuning: the input model's config.json and the section's batch keys ----------------------
+
+
+# the tiny template's grpo section (commented out there while it does not pay off on the tiny model)
+GRPO = [
+    "grpo.data={sources: [{path: data/rl_prompts.jsonl}]}",
+    "grpo.rewards=[{type: contains, field: answer}]",
+    "grpo.num_generations=8",
+    "grpo.prompts_per_step=8",
+    "grpo.micro_batch_size=16",
+    "grpo.rollout.max_new_tokens=16",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory):
+    """The tiny template's project (its chat, preference and prompt data) with a small model imported."""
+    from conftest import run_cli, write_random_model_folder
+
+    from llmctl.project import init_project
+
+    folder = tmp_path_factory.mktemp("tiny") / "proj"
+    init_project(folder)
+    model = write_random_model_folder(tmp_path_factory.mktemp("base") / "model")
+    imported = run_cli("import", str(model), cwd=folder)
+    assert imported.code == 0, imported.stderr
+    return folder, model
+
+
+def test_the_tiny_templates_fine_tuning_sections_fit_a_small_machine(tiny_project):
+    from types import SimpleNamespace
+
+    from llmctl.stages.registry import project_model
+
+    folder, model = tiny_project
+    project = load_config(project_model(), folder / "llmctl.yaml", GRPO)
+    inputs = {"model": SimpleNamespace(path=model, manifest=None)}
+    check_limits(["sft", "dpo", "grpo"], project, inputs, machine=SMALL)
+    with_reference = load_config(
+        project_model(), folder / "llmctl.yaml", [*GRPO, "grpo.beta=0.04", "sft.lora.enabled=true"]
+    )
+    check_limits(["sft", "grpo"], with_reference, inputs, machine=SMALL)
+
+
+@pytest.mark.parametrize(
+    ("stage", "sets", "key"),
+    [
+        (
+            "sft",
+            ["sft.micro_batch_size=100000000", "sft.batch_size=100000000"],
+            "sft.micro_batch_size x sft.seq_len:",
+        ),
+        (
+            "dpo",
+            ["dpo.micro_batch_size=100000000", "dpo.batch_size=100000000"],
+            "dpo.micro_batch_size x dpo.seq_len:",
+        ),
+        (
+            "grpo",
+            ["grpo.micro_batch_size=100000000", "grpo.prompts_per_step=100000000", "grpo.num_generations=2"],
+            "grpo.micro_batch_size x (grpo.max_prompt_len + grpo.rollout.max_new_tokens):",
+        ),
+        (
+            "grpo",
+            ["grpo.prompts_per_step=1000000", "grpo.num_generations=1000"],
+            "grpo.prompts_per_step x grpo.num_generations:",
+        ),
+    ],
+)
+def test_a_fine_tuning_batch_beyond_memory_is_refused_before_any_work_starts(
+    tiny_project, cli, stage, sets, key
+):
+    folder, _ = tiny_project
+    t0 = time.monotonic()
+    sets = [*GRPO, *sets] if stage == "grpo" else sets
+    result = cli(stage, *(a for s in sets for a in ("--set", s)), cwd=folder, timeout=60)
+    assert result.code == 2, result.stderr
+    assert "Error: 1 config value beyond this machine" in result.stderr
+    assert f"  {key} a " in result.stderr and "-parameter model (n_layer 2" in result.stderr, result.stderr
+    assert time.monotonic() - t0 < 30
+    assert not (folder / "workspace" / "runs" / stage).exists()  # not even a failed run

@@ -2,6 +2,7 @@
 
     check_limits(["dedup", "filter"], project)        # raises ConfigError, one line per key over its limit
     check_limits(["pretrain"], project, plan.inputs)  # with inputs: the real vocabulary size
+    check_limits(["sft"], project, plan.inputs)       # fine-tuning: the input model's config.json
 
 The schema (`llmctl config validate`) stays machine-independent on purpose: a project file written for
 a 64-core node must validate on the laptop that edits it. These checks run where the work would run,
@@ -16,6 +17,12 @@ What is checked:
   (max_seq_len x head_dim) and activations at micro_batch_size x seq_len, against the memory of the
   device (GPU memory, or RAM shared by the processes of a CPU run). The estimate leans low: it is
   meant to refuse shapes that cannot fit, never to second-guess ones that might.
+* sft, dpo, grpo: the same for the input model (its config.json): AdamW state for full fine-tuning,
+  fp32 weights alone with LoRA (the adapters are small), a frozen reference copy for grpo with
+  beta > 0, and the activations of one micro-batch (sft: rows x seq_len; dpo: one row of
+  2 x seq_len + 1 per pair; grpo: completions x (max_prompt_len + max_new_tokens)); grpo's rollouts
+  also hold a KV cache for their prompts x num_generations rows. Without inputs (`llmctl run` up
+  front, before the model exists) these stages are checked later, with them.
 """
 
 from __future__ import annotations
@@ -98,24 +105,70 @@ def pretrain_memory(mc: Any, cfg: Any, world_size: int = 1, *, device: str = "cp
     state = 16 * num_params(mc)  # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq
     if cfg.strategy == "fsdp" and world_size > 1:
         state //= world_size
-    value_bytes = 2 if device == "cuda" and cfg.dtype != "fp32" else 4
-    tokens = cfg.micro_batch_size * cfg.seq_len
-    stored_layers = 1 if cfg.activation_checkpointing else mc.n_layer
     return {
         "pretrain.model (n_layer, n_embd, intermediate_size, vocabulary)": state,
         "pretrain.model.max_seq_len": 3 * mc.max_seq_len * mc.head_dim * 4,  # cos, sin, their angles
-        "pretrain.micro_batch_size x pretrain.seq_len": (
-            stored_layers * tokens * _ACTIVATION_VALUES_PER_EMBD * mc.n_embd * value_bytes
-            + 2 * tokens * mc.vocab_size * 4  # fp32 logits and their gradient
+        "pretrain.micro_batch_size x pretrain.seq_len": activation_memory(
+            mc, cfg, cfg.micro_batch_size * cfg.seq_len, device=device
         ),
     }
+
+
+def _value_bytes(cfg: Any, device: str) -> int:
+    return 2 if device == "cuda" and cfg.dtype != "fp32" else 4
+
+
+def activation_memory(mc: Any, cfg: Any, tokens: int, *, device: str = "cpu") -> int:
+    """Stored activations of one forward/backward pass over `tokens` tokens, and its logits."""
+    stored_layers = 1 if cfg.activation_checkpointing else mc.n_layer
+    return (
+        stored_layers * tokens * _ACTIVATION_VALUES_PER_EMBD * mc.n_embd * _value_bytes(cfg, device)
+        + 2 * tokens * mc.vocab_size * 4  # fp32 logits and their gradient
+    )
+
+
+def finetune_memory(
+    stage: str, mc: Any, cfg: Any, seq_len: int, world_size: int = 1, *, device: str = "cpu"
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(memory held throughout, memory of one phase) of one sft/dpo/grpo process, by the key that
+    drives each part; the peak is the first's sum plus the largest of the second (grpo's rollouts
+    and its training passes do not overlap). `seq_len` is sft's and dpo's resolved row length,
+    grpo's prompt room + max_new_tokens. A floor, like pretrain_memory."""
+    from llmctl.model.config import num_params
+
+    params = num_params(mc)
+    if cfg.lora.enabled:
+        # frozen fp32 weights; the adapters and their optimizer state are small beside them
+        held = {f"{stage}.lora.enabled": 4 * params}
+    else:
+        state = 16 * params  # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq
+        if cfg.strategy == "fsdp" and world_size > 1:
+            state //= world_size
+        held = {f"{stage}.model (n_layer, n_embd, intermediate_size, vocabulary)": state}
+    if stage == "grpo" and cfg.beta > 0:
+        held["grpo.beta"] = 4 * params  # the frozen reference: a second copy of the weights
+    row_len = 2 * seq_len + 1 if stage == "dpo" else seq_len  # dpo: prompt and both answers in one row
+    length_key = (
+        f"{stage}.seq_len" if stage != "grpo" else "(grpo.max_prompt_len + grpo.rollout.max_new_tokens)"
+    )
+    phase = {
+        f"{stage}.micro_batch_size x {length_key}": activation_memory(
+            mc, cfg, cfg.micro_batch_size * row_len, device=device
+        )
+    }
+    if stage == "grpo":
+        completions = cfg.prompts_per_step // max(world_size, 1) * cfg.num_generations
+        per_token = 2 * mc.n_layer * mc.n_kv_head * mc.head_dim * _value_bytes(cfg, device)  # keys and values
+        phase["grpo.prompts_per_step x grpo.num_generations"] = completions * seq_len * per_token
+    return held, phase
 
 
 def check_limits(
     stages: Sequence[str], project: Any, inputs: dict[str, Any] | None = None, machine: Machine | None = None
 ) -> None:
     """Raise one ConfigError naming every key of these stages' config that this machine cannot hold.
-    `inputs` (a stage's resolved input artifacts) gives pretrain its real vocabulary size."""
+    `inputs` (a stage's resolved input artifacts) gives pretrain its real vocabulary size, and sft,
+    dpo and grpo their model (without it they are not checked)."""
     machine = machine or this_machine()
     errors: list[str] = []
     for stage in stages:
@@ -123,6 +176,8 @@ def check_limits(
             errors += _data_limits(stage, getattr(project, stage), machine)
         elif stage == "pretrain":
             errors += _pretrain_limits(project, inputs or {}, machine)
+        elif stage in ("sft", "dpo", "grpo") and (inputs or {}).get("model") is not None:
+            errors += _finetune_limits(stage, getattr(project, stage), inputs["model"], machine)
     if errors:
         noun = "value" if len(errors) == 1 else "values"
         raise ConfigError(
@@ -187,6 +242,47 @@ def _pretrain_limits(project: Any, inputs: dict[str, Any], machine: Machine) -> 
             f"and {where}"
         )
     return errors
+
+
+def _finetune_limits(stage: str, cfg: Any, model: Any, machine: Machine) -> list[str]:
+    from llmctl.errors import InputError
+    from llmctl.model.checkpoint import read_model_config
+    from llmctl.model.config import num_params
+
+    try:
+        mc, _ = read_model_config(model.path)
+    except InputError:
+        return []  # the stage reports an unreadable model itself
+    seq_len = _finetune_seq_len(stage, cfg, mc, model)
+    if seq_len is None:
+        return []  # a length the model cannot hold: the stage reports it, with its own hint
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device, budget, where = _training_memory(cfg, machine, world)
+    held, phase = finetune_memory(stage, mc, cfg, seq_len, world, device=device)
+    need = sum(held.values()) + max(phase.values())
+    if need <= budget:
+        return []
+    key, biggest = max({**held, **phase}.items(), key=lambda kv: kv[1])
+    return [
+        f"{key}: a {num_params(mc):,}-parameter model (n_layer {mc.n_layer}, n_embd {mc.n_embd:,}, vocabulary "
+        f"{mc.vocab_size:,}) at micro_batch_size {cfg.micro_batch_size} x {seq_len:,} tokens needs at least "
+        f"~{_size(need)} per process (~{_size(biggest)} for this key), and {where}"
+    ]
+
+
+def _finetune_seq_len(stage: str, cfg: Any, mc: Any, model: Any) -> int | None:
+    """The row length the stage will train on (see llmctl.stages.finetune.choose_seq_len), or None
+    when the config asks for more than the model's context."""
+    if stage == "grpo":
+        room = min(cfg.max_prompt_len, mc.max_seq_len - cfg.rollout.max_new_tokens)
+        return room + cfg.rollout.max_new_tokens if room >= 1 else None
+    if cfg.seq_len is not None:
+        return cfg.seq_len if cfg.seq_len <= mc.max_seq_len else None
+    from llmctl.stages.finetune import TRAINING_SECTIONS, choose_seq_len
+
+    config = getattr(getattr(model, "manifest", None), "config", None) or {}
+    base = next((config[s] for s in TRAINING_SECTIONS if isinstance(config.get(s), dict)), {})
+    return choose_seq_len(stage, None, mc, base)[0]
 
 
 def _vocab_size(data: Any, project: Any) -> int:
