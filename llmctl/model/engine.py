@@ -11,6 +11,16 @@ and reused; each step runs one forward over a single new token per row under `in
     completions = engine.generate([ids_a, ids_b], params)       # list[Completion]
     for event in engine.stream([ids], params):                  # TokenEvent per row per step
         print(event.text, end="", flush=True)
+    groups = engine.generate([ids_a, ids_b], params, n=8)       # 16: groups[j * 8 + i] = sample i of prompt j
+
+With `n` > 1 (RL rollouts: a group of answers per prompt) each prompt is prefilled once and its KV
+cache rows copied n times; the B * n rows then decode as one batch.
+
+Randomness is per row: row (prompt j, sample i) draws only from its own generator, seeded with
+`row_seed(params.seed, j, i)`, so what a row samples does not depend on the other rows in the batch:
+sample i of prompt j equals `generate([prompt_j], replace(params, seed=row_seed(seed, j, i)))`, up to
+the rounding of batched matrix products. `row_seed(s, 0, 0) == s`: a single-prompt call with seed s
+samples as it always did.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from llmctl.model.decode import PackedDecoder, packing_pays_off
 from llmctl.model.transformer import KVCache, Transformer
 
 FinishReason = Literal["stop", "length"]
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -96,10 +107,32 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele et al. 2014): a bijective mix of 64-bit integers."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    """The seed of the random stream of sample `sample` of prompt `prompt` (indices in one call) under
+    SamplingParams(seed=seed): `seed` itself for (0, 0), so a single-prompt call is unchanged; else
+    splitmix64(seed ^ splitmix64(prompt << 32 | sample)) >> 1, a 63-bit hash, so nearby base seeds
+    (one per RL step) give unrelated streams rather than shifted copies of each other's."""
+    assert 0 <= prompt < 1 << 32 and 0 <= sample < 1 << 32, (prompt, sample)
+    if prompt == 0 and sample == 0:
+        return seed
+    return _splitmix64((seed & _MASK64) ^ _splitmix64(prompt << 32 | sample)) >> 1
+
+
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V) after penalties."""
+    """Next token ids (B,) from last-position logits (B, V) after penalties. `generator`: one for the
+    batch, or one per row; a row then draws from its own only, the same as it would alone."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
@@ -113,7 +146,22 @@ def sample_next(
         drop = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    assert len(generator) == probs.shape[0], (len(generator), probs.shape)
+    # torch.multinomial(p, 1) takes argmax(p / q), q ~ Exp(1) per entry (ATen's one-sample path), so
+    # each row draws its q from its own generator exactly as a one-row call would, then one batched
+    # divide and argmax (a multinomial call per row was measured up to 10x slower on 2 busy cores).
+    # A batched multinomial would draw row r's q after rows 0..r-1's, tying a row to its batch.
+    q = torch.empty_like(probs)
+    for row, g in zip(q, generator, strict=True):
+        row.exponential_(1, generator=g)
+    return probs.div_(q).argmax(dim=-1)
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"n (samples per prompt) must be an integer >= 1 (got {n!r})")
 
 
 def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
@@ -191,11 +239,16 @@ class Engine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         on_token: Callable[[TokenEvent], None] | None = None,
+        *,
+        n: int = 1,
     ) -> list[Completion]:
-        """Generate for every prompt; `on_token` sees each TokenEvent as it happens."""
-        results = [Completion(prompt_tokens=list(p)) for p in prompts]
-        texts = [""] * len(prompts)
-        for ev in self.stream(prompts, params, _results=results):
+        """`n` completions per prompt, prompt-major: result j * n + i is sample i of prompt j (its
+        random stream seeded with row_seed(params.seed, j, i)); each prompt is prefilled once.
+        `on_token` sees each TokenEvent as it happens (`row` indexes the results)."""
+        _check_n(n)
+        results = [Completion(prompt_tokens=list(p)) for p in prompts for _ in range(n)]
+        texts = [""] * len(results)
+        for ev in self.stream(prompts, params, n=n, _results=results):
             texts[ev.row] += ev.text
             if on_token is not None:
                 on_token(ev)
@@ -209,9 +262,13 @@ class Engine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         *,
+        n: int = 1,
         _results: list[Completion] | None = None,
     ) -> Iterator[TokenEvent]:
-        """Yield a TokenEvent per active row per step, in row order, until every row finished."""
+        """Yield a TokenEvent per active row per step, in row order, until every row finished.
+        With `n` samples per prompt there are len(prompts) * n rows, row j * n + i being sample i
+        of prompt j (as in `generate`)."""
+        _check_n(n)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError(
                 "every prompt needs at least one token",
@@ -233,7 +290,11 @@ class Engine:
                 f"context of {cfg.max_seq_len} tokens",
                 hint="shorten the prompt or lower max_new_tokens",
             )
-        results = _results if _results is not None else [Completion(prompt_tokens=list(p)) for p in prompts]
+        R = B * n  # rows decoded: prompt-major, n per prompt
+        if _results is None:
+            _results = [Completion(prompt_tokens=list(p)) for p in prompts for _ in range(n)]
+        results = _results
+        assert len(results) == R, (len(results), R)
         ragged = min(lens) != L
 
         idx = torch.zeros((B, L), dtype=torch.long)
@@ -243,39 +304,39 @@ class Engine:
         attention_mask = None
         if ragged:  # left padding: 0 for pad, 1 for prompt and every generated position
             attention_mask = torch.ones((B, total), dtype=torch.long)
-            for i, n in enumerate(lens):
-                attention_mask[i, : L - n] = 0
+            for i, length in enumerate(lens):
+                attention_mask[i, : L - length] = 0
             attention_mask = attention_mask.to(device)
             positions = torch.tensor(lens, dtype=torch.long, device=device)[:, None]  # next position per row
-        generator = torch.Generator(device=device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
+            positions = positions.repeat_interleave(n, dim=0)  # (R, 1)
+        generators = self._row_generators(params, B, n, device)
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
             for i, p in enumerate(prompts):  # per row, so left padding does not count as "seen"
                 seen[i, torch.tensor(list(p), dtype=torch.long, device=device)] = True
+            seen = seen.repeat_interleave(n, dim=0)  # (R, V)
 
         if params.logprobs:
             for res in results:
                 res.logprobs = []
         stop_ids = set(params.stop_token_ids)
-        active = [True] * B
-        emitted = [""] * B  # text already yielded per row
-        cache = self._get_cache(B, total)
+        active = [True] * R
+        emitted = [""] * R  # text already yielded per row
+        cache = self._get_cache(R, total)
         decoder = self._get_decoder()
 
         with torch.inference_mode():
-            logits = model(idx, cache=cache, attention_mask=attention_mask, logits_to_keep=1)[:, -1]  # (B, V)
+            logits = self._prefill(idx, attention_mask, cache, n)  # (R, V)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(n, dim=0)  # (R, total)
         for step in range(params.max_new_tokens):
             with torch.inference_mode():
                 raw = logits
                 if seen is not None:
                     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-                next_ids = sample_next(logits, params, generator)  # (B,)
-                chosen_logprobs = [None] * B
+                next_ids = self._sample(logits, params, generators, active)  # (R,)
+                chosen_logprobs = [None] * R
                 if params.logprobs:
                     log_probs = torch.log_softmax(raw.float(), dim=-1)
                     chosen_logprobs = log_probs.gather(1, next_ids[:, None])[:, 0].tolist()
@@ -311,7 +372,7 @@ class Engine:
             if not any(active):
                 break
             with torch.inference_mode():
-                pos = positions + step if ragged else None  # (B, 1)
+                pos = positions + step if ragged else None  # (R, 1)
                 if decoder is not None:
                     logits = decoder.step(
                         next_ids,
@@ -323,6 +384,55 @@ class Engine:
                     logits = model(
                         next_ids[:, None], cache=cache, attention_mask=attention_mask, position_ids=pos
                     )[:, -1]
+
+    def _prefill(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache, n: int
+    ) -> torch.Tensor:
+        """Run the B prompts idx (B, L) once and leave their keys/values in every one of the cache's
+        B * n rows (row j * n + i: prompt j); last-position logits (B * n, V)."""
+        model = self.model
+        if n == 1:
+            return model(idx, cache=cache, attention_mask=attention_mask, logits_to_keep=1)[:, -1]
+        B, L = idx.shape
+        prompt_cache = KVCache(model.config, B, L, device=cache.k.device, dtype=cache.k.dtype)
+        logits = model(idx, cache=prompt_cache, attention_mask=attention_mask, logits_to_keep=1)[:, -1]
+        # Broadcast each prompt's keys/values into its group's n rows, in place (no (B*n, L) copy).
+        for mine, theirs in ((cache.k, prompt_cache.k), (cache.v, prompt_cache.v)):
+            mine.unflatten(1, (B, n))[:, :, :, :, :L] = theirs[:, :, None]
+        cache.pos = L
+        return logits.repeat_interleave(n, dim=0)
+
+    @staticmethod
+    def _row_generators(
+        params: SamplingParams, n_prompts: int, n: int, device: torch.device
+    ) -> list[torch.Generator] | None:
+        """One generator per row, row j * n + i seeded with row_seed(seed, j, i) (None: greedy)."""
+        if params.temperature == 0:
+            return None
+        seed = params.seed
+        if seed is None:
+            seed = torch.Generator().seed()  # a fresh nondeterministic base, then derived as usual
+        return [
+            torch.Generator(device=device).manual_seed(row_seed(seed, j, i))
+            for j in range(n_prompts)
+            for i in range(n)
+        ]
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor,
+        params: SamplingParams,
+        generators: list[torch.Generator] | None,
+        active: list[bool],
+    ) -> torch.Tensor:
+        """Next ids (R,); finished rows are not sampled (their id is 0: it is never emitted)."""
+        if generators is None or all(active):
+            return sample_next(logits, params, generators)
+        live = [r for r, a in enumerate(active) if a]
+        ids = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        rows = torch.tensor(live, device=logits.device)
+        ids[rows] = sample_next(logits[rows], params, [generators[r] for r in live])
+        return ids
 
     def _flush(self, row: int, res: Completion, emitted: list[str]) -> str:
         """Text still held back when a row stops on a stop token."""
