@@ -71,7 +71,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    # 1 by default: on 2 shared cores, 2 OpenMP threads made single runs 3-9x slow (a descheduled thread).
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-bench-rollout")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
