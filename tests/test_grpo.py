@@ -214,3 +214,27 @@ def test_rollouts_sample_from_the_policy_as_updated(base_model, lora):
     with torch.no_grad():
         logps = -model(batch.input_ids, batch.targets, reduction="none")
     assert ((logps - batch.old_logps) * batch.mask).abs().max() < 1e-4
+
+
+def test_a_completion_that_stopped_keeps_its_stop_token_for_training(base_model):
+    """The end-of-turn token is part of what RL trains (a policy must learn to stop): the engine says
+    which stop id ended a completion and its log-probability, and the rollout row ends with it."""
+    from dataclasses import replace
+
+    from llmctl.model.checkpoint import load_model_folder
+    from llmctl.model.engine import Engine, SamplingParams
+    from llmctl.rl.rollout import collate_rollout, completion_tokens
+
+    model, _ = load_model_folder(base_model, dtype=torch.float32)
+    engine, prompt = Engine(model), [3, 8, 12, 7]
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, logprobs=True)
+    free = engine.generate([prompt], sampled)[0]
+    k = next(i for i in range(1, len(free.tokens)) if free.tokens[i] not in free.tokens[:i])
+    stop = free.tokens[k]  # the first token not seen before it: the same run stops right there
+    (out,) = engine.generate([prompt], replace(sampled, stop_token_ids=(stop,)))
+    assert out.finish_reason == "stop" and out.stop_token == stop and out.tokens == free.tokens[:k]
+    assert out.stop_logprob == pytest.approx(free.logprobs[k], abs=1e-6)
+    tokens, logps = completion_tokens(out)
+    assert tokens == free.tokens[: k + 1] and logps == pytest.approx(free.logprobs[: k + 1], abs=1e-6)
+    batch = collate_rollout([prompt], [(tokens, logps)], torch.zeros(1), 0)
+    assert batch.targets[0, len(prompt) - 1 + k].item() == stop and int(batch.mask.sum()) == k + 1

@@ -63,8 +63,9 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     # score, beside the sft model it started from, does not fall by more than its standard error.
     dpo = stages["dpo"]["metrics"]
     assert dpo["val_rewards/accuracies"] > 0.75 and dpo["val_rewards/margins"] > 0, dpo
-    after_dpo = _eval_results(project, stages["eval"]["artifact"])["tasks"]["world_chat"]
-    assert after_dpo["base_model"] == "sft:v0001"
+    results = _eval_results(project, stages["eval"]["artifact"])
+    assert results["base_model"] == "sft:v0001"
+    after_dpo = results["tasks"]["world_chat"]
     change = after_dpo["vs_base"]["contains"]
     assert change["delta"] >= -after_dpo["stderr"]["contains"], after_dpo
     scores = stages["eval"]["metrics"]

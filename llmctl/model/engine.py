@@ -83,6 +83,8 @@ class Completion:
     text: str | None = None
     finish_reason: FinishReason = "length"
     logprobs: list[float] | None = None  # one per token in `tokens`, with SamplingParams(logprobs=True)
+    stop_token: int | None = None  # the stop token id that ended it (finish_reason "stop" by an id)
+    stop_logprob: float | None = None  # its log-probability, with SamplingParams(logprobs=True)
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,7 @@ class Engine:
                 res = results[row]
                 if tok in stop_ids:
                     active[row] = False
-                    res.finish_reason = "stop"
+                    res.finish_reason, res.stop_token, res.stop_logprob = "stop", tok, chosen_logprobs[row]
                     yield TokenEvent(row, None, self._flush(row, res, emitted), "stop")
                     continue
                 res.tokens.append(tok)
