@@ -17,10 +17,9 @@ import pytest
 import yaml
 import zstandard
 from conftest import run_cli
-from pydantic import ValidationError, create_model
+from pydantic import ValidationError
 
 from llmctl.config.loading import load_config
-from llmctl.config.project import ProjectConfig
 from llmctl.config.sft import ChatDataConfig, SftConfig
 from llmctl.data.chat import ChatCounts, is_val, load_chat_data, read_conversations
 from llmctl.data.synthetic import World
@@ -349,15 +348,6 @@ def test_config_model() -> None:
 # --- the tiny template's synthetic conversations ---------------------------------------------------
 
 
-TEMPLATE_SFT_YAML = """
-sft:
-  data:
-    sources:
-      - path: data/chat.jsonl
-    val_fraction: 0.05
-"""
-
-
 def _question_parsers() -> list[tuple[str, re.Pattern]]:
     suffix = "(?:" + "|".join(re.escape(s) for s in ANSWER_ONLY) + ")?"
     parsers = []
@@ -494,10 +484,12 @@ def test_chat_eval_rows_and_the_template_config_read_clean(tmp_path: Path) -> No
     items = build_custom_generative(rows, "data/chat_eval.jsonl", ("\n",))  # llmctl's custom task reader
     assert [i.answer for i in items] == [r["answer"] for r in rows]
 
-    # the sft section proposed for templates/tiny/llmctl.yaml validates and reads the files init makes
-    text = render_project_file(get_template("tiny"), "t") + TEMPLATE_SFT_YAML
-    model = create_model("WithSft", __base__=ProjectConfig, sft=(SftConfig, SftConfig()))
-    cfg = load_config(model, None, defaults=yaml.safe_load(text))
+    # the tiny template's project file (every stage's section) validates and its sft section reads
+    # the files init makes
+    from llmctl.stages.registry import project_model
+
+    text = render_project_file(get_template("tiny"), "t")
+    cfg = load_config(project_model(), None, defaults=yaml.safe_load(text))
     data = load_chat_data(cfg.sft.data, tmp_path)
     summary = data.summary()
     assert summary["skipped"] == {} and summary["conversations"] == 2000
