@@ -29,14 +29,18 @@ def _sandbox_processes() -> list[psutil.Process]:
 
 @pytest.fixture(autouse=True)
 def no_leftovers():
-    """After each test: the sandbox left no process behind (killed here so one failure stays one)."""
+    """After each test: the sandbox left no process behind (killed here so one failure stays one).
+    Children the test process had before (a multiprocessing forkserver an earlier test started in the
+    same pytest run) are not this test's."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
     time.sleep(0.2)  # the kernel reaps a namespace's processes just after its init exits
     leftovers = _sandbox_processes()
     for proc in leftovers:
         proc.kill()
     assert not leftovers, f"sandboxed processes survived: {[p.pid for p in leftovers]}"
-    assert not psutil.Process().children(recursive=True), "the test process has children left"
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not new, f"the test process has children left: {new}"
 
 
 @pytest.fixture
