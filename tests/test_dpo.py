@@ -70,7 +70,9 @@ def dpo_project(tmp_path: Path, pairs_file: Path, **dpo: object):
     }
     folder = tmp_path / "proj"
     folder.mkdir(parents=True, exist_ok=True)
-    return project_model().model_validate({"name": "t", "workspace": str(folder / "ws"), "dpo": section}), folder
+    return project_model().model_validate(
+        {"name": "t", "workspace": str(folder / "ws"), "dpo": section}
+    ), folder
 
 
 def run_dpo(project, folder, base: Path, **kwargs):
@@ -96,7 +98,13 @@ def test_dpo_publishes_a_model_whose_held_out_reward_accuracy_rose(tmp_path, bas
     # step 1 runs the starting model: its log-probs are the reference's, to float rounding
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/margins"]) < 1e-5, first
     assert abs(first["loss"] - 0.693147) < 1e-4
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+    ):
         assert key in first and f"val_{key}" in rows[-1], key
     m = art.manifest.metrics
     # held-out pairs ask other questions (the split hashes the prompt); a random model still learns
@@ -108,7 +116,9 @@ def test_dpo_publishes_a_model_whose_held_out_reward_accuracy_rose(tmp_path, bas
     assert art.manifest.inputs[0].slot == "model"
 
 
-def test_a_resumed_run_reads_the_reference_back_and_ends_bit_exact(tmp_path, base_model, pairs_file, monkeypatch):
+def test_a_resumed_run_reads_the_reference_back_and_ends_bit_exact(
+    tmp_path, base_model, pairs_file, monkeypatch
+):
     import llmctl.stages.dpo as dpo
 
     whole_project, whole_dir = dpo_project(tmp_path / "whole", pairs_file)
@@ -171,7 +181,9 @@ def test_lora_reference_is_the_base_and_simpo_needs_none(tmp_path, base_model, p
     first = metric_rows(art.path)[0]
     # SimPO's rewards are beta x the mean log-prob per completion token
     assert first["rewards/chosen"] == pytest.approx(2.0 * first["logps/chosen"], rel=1e-6)
-    assert art.manifest.metrics["beta"] == 2.0 and not list(folder.glob(f"ws/runs/dpo/*/{dpo.REFERENCE_FILE}"))
+    assert art.manifest.metrics["beta"] == 2.0 and not list(
+        folder.glob(f"ws/runs/dpo/*/{dpo.REFERENCE_FILE}")
+    )
 
 
 def test_bad_input_fails_once_with_a_readable_error(tmp_path, base_model, pairs_file):
@@ -229,3 +241,22 @@ def test_edited_pairs_make_dpo_run_again(tmp_path, base_model, pairs_file):
     pairs.write_text("\n".join(lines[:-1]) + "\n")  # one pair fewer
     again = run_dpo(project, folder, base_model)
     assert not again.reused and again.artifact.id == "dpo:v0002"
+
+
+def test_the_cli_runs_dpo_and_resume_with_nothing_to_resume_reuses(tmp_path, base_model, pairs_file):
+    """`llmctl dpo` is the registry's generic command: --model, --resume, --json, launch flags."""
+    folder = tmp_path / "cli"
+    folder.mkdir()
+    (folder / "llmctl.yaml").write_text(
+        "name: t\n"
+        "dpo:\n"
+        f"  data:\n    sources:\n      - path: {pairs_file}\n"
+        "  seq_len: 128\n  micro_batch_size: 4\n  batch_size: 8\n  max_steps: 1\n  eval_every: 0\n"
+    )
+    assert run_cli("import", str(base_model), cwd=folder).code == 0
+    first = run_cli("dpo", "--model", "import:latest", "--json", cwd=folder, timeout=300)
+    assert first.code == 0, first.stderr[-2000:]
+    assert first.json()["artifact"] == "dpo:v0001" and first.json()["metrics"]["steps"] == 1
+    again = run_cli("dpo", "--model", "import:latest", "--resume", "--json", cwd=folder, timeout=300)
+    assert again.code == 0, again.stderr[-2000:]
+    assert again.json()["artifact"] == "dpo:v0001" and "nothing to resume" in again.stderr

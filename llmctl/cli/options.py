@@ -25,6 +25,7 @@ ForceOption = Annotated[
     bool, typer.Option("--force", help="Run again even when an up-to-date artifact already exists.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from llmctl.cli.completion import complete_refs
-from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
+from llmctl.cli.options import ForceOption, JsonOption, ResumeOption, SetOption, state_of
 from llmctl.cli.stages import (
     GpusOption,
     MasterAddrOption,
@@ -46,7 +46,7 @@ def sft(
     master_addr: MasterAddrOption = None,
     master_port: MasterPortOption = 29500,
     device: device_option("sft") = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")] = False,
+    resume: ResumeOption = False,
     force: ForceOption = False,
     sets: SetOption = None,
     json_: JsonOption = False,

@@ -4,7 +4,8 @@ or a generic one built from the entry itself.
 The generic command takes one `--SLOT` option per input (an artifact reference; default: what the
 registry's rule picks), `--force`, `--set` and `--json`, and runs the stage like any other; a
 distributed stage's also takes `--gpus`, `--nodes`, `--node-rank`, `--master-addr`, `--master-port`
-and `--device` (see llmctl/stages/launch.py).
+and `--device` (see llmctl/stages/launch.py), and a stage that keeps its run folder (training
+stages) `--resume`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from llmctl.cli.completion import complete_refs
-from llmctl.cli.options import ForceOption, JsonOption, SetOption
+from llmctl.cli.options import ForceOption, JsonOption, ResumeOption, SetOption
 from llmctl.cli.stages import device_option, launch_options, run_stage_command
 
 
@@ -37,6 +38,7 @@ def generic_command(stage: Any) -> Any:
             force=params["force"],
             json_=params["json_"],
             refs=refs,
+            resume=params.get("resume", False),
             launch=launch,
         )
 
@@ -55,8 +57,10 @@ def generic_command(stage: Any) -> Any:
                 default=None,
             )
         )
+    resume = [("resume", ResumeOption, False)] if stage.keeps_run_dir else []
     for name, annotation, default in (
         *launch_flags,
+        *resume,
         ("force", ForceOption, False),
         ("sets", SetOption, None),
         ("json_", JsonOption, False),
@@ -65,8 +69,8 @@ def generic_command(stage: Any) -> Any:
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
         )
     command.__signature__ = inspect.Signature(parameters)  # what typer reads for the options
-    examples = [f"llmctl {stage.name}", f"llmctl {stage.name} --force --json"]
-    if stage.distributed:
+    examples = list(stage.examples) or [f"llmctl {stage.name}", f"llmctl {stage.name} --force --json"]
+    if stage.distributed and not stage.examples:
         examples.append(f"llmctl {stage.name} --gpus 2 --device cpu")
     command.__doc__ = f"{stage.description}\n\n[bold]Examples[/]\n" + "".join(f"  {e}\n" for e in examples)
     return command

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmctl.cli.completion import complete_refs
-from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
+from llmctl.cli.options import ForceOption, JsonOption, ResumeOption, SetOption, state_of
 from llmctl.cli.pipeline import outcome_row
 
 InputOption = Annotated[
@@ -247,7 +247,7 @@ def pretrain(
     master_addr: MasterAddrOption = None,
     master_port: MasterPortOption = 29500,
     device: PretrainDeviceOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")] = False,
+    resume: ResumeOption = False,
     force: ForceOption = False,
     sets: SetOption = None,
     json_: JsonOption = False,

@@ -177,7 +177,9 @@ def _wanted_in_folder(name: str, source: SourceConfig) -> bool:
     return fmt is not None and (source.format == "auto" or fmt == source.format)
 
 
-def _resolve_files(source: SourceConfig, base_dir: Path, index: int, key: str = "data.sources") -> list[_File]:
+def _resolve_files(
+    source: SourceConfig, base_dir: Path, index: int, key: str = "data.sources"
+) -> list[_File]:
     """The files of one source; `key` names the sources list in error messages (sft: sft.data.sources)."""
     if source.is_hub:
         return _resolve_hub_files(source, index, key)

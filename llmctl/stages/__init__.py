@@ -78,11 +78,18 @@ register(
 register(
     Stage(
         name="dpo",
-        description="Optimise a model on preference pairs (DPO, cDPO, robust DPO, IPO, SimPO).",
+        description="Optimise a model on preference pairs (DPO, cDPO, robust DPO, IPO, SimPO); the reference "
+        "log-probs are the starting model's, computed once and kept for --resume.",
         output_kind=MODEL,
         sections=("dpo",),
         config="llmctl.config.dpo:DpoConfig",
-        command="llmctl.cli.dpo:dpo",
+        examples=(
+            "llmctl dpo",
+            "llmctl dpo --model sft:latest --set dpo.loss=ipo --set dpo.beta=0.5",
+            "llmctl dpo --set dpo.loss=simpo",
+            "llmctl dpo --gpus 2 --device cpu",
+            "llmctl dpo --resume",
+        ),
         inputs=(InputSlot("model", (MODEL,), newest_in_pipeline=True, config_key="model"),),
         keeps_run_dir=True,
         distributed=True,
@@ -95,7 +102,13 @@ register(
         output_kind=MODEL,
         sections=("grpo",),
         config="llmctl.config.grpo:GrpoConfig",
-        command="llmctl.cli.grpo:grpo",
+        examples=(
+            "llmctl grpo",
+            "llmctl grpo --set grpo.loss_type=grpo --set grpo.beta=0.04",
+            "llmctl grpo --set grpo.epsilon_high=0.28 --set grpo.drop_zero_variance=true",
+            "llmctl grpo --gpus 2 --device cpu",
+            "llmctl grpo --resume",
+        ),
         inputs=(InputSlot("model", (MODEL,), newest_in_pipeline=True, config_key="model"),),
         keeps_run_dir=True,
         distributed=True,

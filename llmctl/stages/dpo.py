@@ -38,9 +38,11 @@ from llmctl.stages.finetune import (
     base_training_config,
     choose_lr,
     choose_seq_len,
+    grad_accum_steps,
     merged_state,
     pad_id_of,
-    publish_model,
+    run_finetune,
+    without_data,
 )
 from llmctl.train import distributed as D
 from llmctl.train.chat_template import ensure_chat_template
@@ -71,21 +73,12 @@ PROGRESS_STATS = {"rewards/accuracies": "acc", "rewards/margins": "margin"}
 
 def run(ctx) -> dict[str, Any]:
     """Stage entry point on every rank; only rank 0 writes the artifact."""
-    cfg: DpoConfig = ctx.config
-    info = D.init_distributed(device=cfg.device)
-    job = Job.from_context(ctx, "dpo")
-    ctx.device = info.device
-    trained = train(cfg, job, info, ctx.reporter, note=ctx.note)
-    if info.is_main:
-        publish_model(ctx.output_dir, trained, cfg.lora, job, title=f"dpo {job.project} ({cfg.loss})")
-    return trained.metrics if info.is_main else {}
+    return run_finetune(ctx, "dpo", train, title=lambda cfg: f" ({cfg.loss})")
 
 
 def skip_reason(cfg: DpoConfig | None) -> str | None:
     """`llmctl run` leaves dpo out of a project that names no preference data."""
-    if cfg is None or cfg.data is None:
-        return "no dpo.data in llmctl.yaml"
-    return None
+    return without_data("dpo", cfg)
 
 
 def source_fingerprint(cfg: DpoConfig | None, project_dir: Path) -> list[dict[str, Any]]:
@@ -101,23 +94,12 @@ def source_fingerprint(cfg: DpoConfig | None, project_dir: Path) -> list[dict[st
 
 def preflight(cfg: DpoConfig, world_size: int) -> None:
     """Checks that need only the config and the process count: run once before any process starts."""
-    grad_accum_steps(cfg, world_size)
+    grad_accum_steps("dpo", cfg.micro_batch_size, cfg.batch_size, world_size)
     if cfg.data is None:
         raise ConfigError(
             "dpo.data: no preference data configured",
             hint="add `dpo: {data: {sources: [{path: data/preferences.jsonl}]}}` to llmctl.yaml",
         )
-
-
-def grad_accum_steps(cfg: DpoConfig, world_size: int) -> int:
-    per_pass = cfg.micro_batch_size * world_size
-    if cfg.batch_size % per_pass:
-        raise ConfigError(
-            f"dpo.batch_size ({cfg.batch_size}) is not a multiple of micro_batch_size x world_size = "
-            f"{cfg.micro_batch_size} x {world_size} = {per_pass}",
-            hint=f"set dpo.batch_size={max(per_pass, cfg.batch_size // per_pass * per_pass)}",
-        )
-    return cfg.batch_size // per_pass
 
 
 # ---- pairs and their reference log-probs -------------------------------------------------------------
@@ -277,7 +259,7 @@ def train(cfg: DpoConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
             f"{fit_counts.dropped_empty} with an empty completion after truncation)",
             hint="check dpo.data, dpo.seq_len and dpo.overlong",
         )
-    accum = grad_accum_steps(cfg, info.world_size)
+    accum = grad_accum_steps("dpo", cfg.micro_batch_size, cfg.batch_size, info.world_size)
     steps_per_epoch = max(1, math.ceil(len(train_pairs) / cfg.batch_size))
     if cfg.max_steps is not None:
         max_steps, horizon = cfg.max_steps, "max_steps"

@@ -62,6 +62,40 @@ class Job:
         )
 
 
+def run_finetune(
+    ctx: Any, stage: str, train: Callable[..., TrainedModel], title: Callable[[Any], str]
+) -> dict[str, Any]:
+    """A fine-tuning stage's `run(ctx)` on every rank: train, then rank 0 publishes the model."""
+    from llmctl.train import distributed as D
+
+    cfg = ctx.config
+    info = D.init_distributed(device=cfg.device)
+    job = Job.from_context(ctx, stage)
+    ctx.device = info.device
+    trained = train(cfg, job, info, ctx.reporter, note=ctx.note)
+    if not info.is_main:
+        return {}
+    publish_model(ctx.output_dir, trained, cfg.lora, job, title=f"{stage} {job.project}{title(cfg)}")
+    return trained.metrics
+
+
+def without_data(section: str, cfg: Any) -> str | None:
+    """`llmctl run` leaves a fine-tuning stage out of a project whose section names no data."""
+    return f"no {section}.data in llmctl.yaml" if cfg is None or cfg.data is None else None
+
+
+def grad_accum_steps(section: str, micro_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process; a batch that does not split is a ConfigError."""
+    per_pass = micro_batch_size * world_size
+    if batch_size % per_pass:
+        raise ConfigError(
+            f"{section}.batch_size ({batch_size}) is not a multiple of micro_batch_size x world_size = "
+            f"{micro_batch_size} x {world_size} = {per_pass}",
+            hint=f"set {section}.batch_size={max(per_pass, batch_size // per_pass * per_pass)}",
+        )
+    return batch_size // per_pass
+
+
 @dataclass
 class TrainedModel:
     """What a fine-tuning recipe hands to `publish_model` (rank 0)."""

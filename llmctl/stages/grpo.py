@@ -41,7 +41,8 @@ from llmctl.stages.finetune import (
     choose_lr,
     merged_state,
     pad_id_of,
-    publish_model,
+    run_finetune,
+    without_data,
 )
 from llmctl.train import distributed as D
 from llmctl.train.chat_template import ensure_chat_template
@@ -56,21 +57,12 @@ PROGRESS_STATS = {"reward": "reward", "kl": "kl", "completion_len": "len"}
 
 def run(ctx) -> dict[str, Any]:
     """Stage entry point on every rank; only rank 0 writes the artifact."""
-    cfg: GrpoConfig = ctx.config
-    info = D.init_distributed(device=cfg.device)
-    job = Job.from_context(ctx, "grpo")
-    ctx.device = info.device
-    trained = train(cfg, job, info, ctx.reporter, note=ctx.note)
-    if info.is_main:
-        publish_model(ctx.output_dir, trained, cfg.lora, job, title=f"grpo {job.project} ({cfg.loss_type})")
-    return trained.metrics if info.is_main else {}
+    return run_finetune(ctx, "grpo", train, title=lambda cfg: f" ({cfg.loss_type})")
 
 
 def skip_reason(cfg: GrpoConfig | None) -> str | None:
     """`llmctl run` leaves grpo out of a project that names no prompts."""
-    if cfg is None or cfg.data is None:
-        return "no grpo.data in llmctl.yaml"
-    return None
+    return without_data("grpo", cfg)
 
 
 def source_fingerprint(cfg: GrpoConfig | None, project_dir: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ Adding a stage touches four things, and nothing else:
   2. its stage module: `run(ctx)` reading `ctx.inputs`, writing `ctx.output_dir`, returning metrics;
   3. its registry entry: `register(Stage(...))` in `llmctl/stages/__init__.py` (pipeline order);
   4. a thin CLI command, named in the entry's `command` (`module:function`); without one, the stage
-     gets a generic command (one `--SLOT` option per input, `--force`, `--set`, `--json`). Both are
+     gets a generic command (one `--SLOT` option per input, `--force`, `--set`, `--json`, and
+     `--resume` for a stage that keeps its run folder; its `examples` in --help). Both are
      registered by `llmctl.cli.stage_commands` (the original stages' commands, registered by their
      CLI modules before it, are left as they are).
 A stage that trains on several processes sets `distributed=True` (see llmctl/stages/launch.py): its
@@ -93,6 +94,7 @@ class Stage:
     config: str | None = None  # "module:Class" of its llmctl.yaml section (sections[0])
     command: str | None = None  # "module:function" of its CLI command; None: a generic one
     distributed: bool = False  # runs on N processes under torchrun: --gpus/--nodes/--device (launch.py)
+    examples: tuple[str, ...] = ()  # usage lines for the generic command's --help
 
     def load_run(self) -> Callable[[StageContext], dict[str, Any]]:
         return self._module().run

@@ -35,9 +35,11 @@ from llmctl.stages.finetune import (
     base_training_config,
     choose_lr,
     choose_seq_len,
+    grad_accum_steps,
     merged_state,
     pad_id_of,
-    publish_model,
+    run_finetune,
+    without_data,
 )
 from llmctl.train import distributed as D
 from llmctl.train.chat_template import ensure_chat_template
@@ -64,21 +66,12 @@ FULL_LR_FRACTION = 0.1  # full fine-tuning: a tenth of the base model's pretrain
 
 def run(ctx) -> dict[str, Any]:
     """Stage entry point on every rank; only rank 0 writes the artifact."""
-    cfg: SftConfig = ctx.config
-    info = D.init_distributed(device=cfg.device)
-    job = Job.from_context(ctx, "sft")
-    ctx.device = info.device
-    trained = train(cfg, job, info, ctx.reporter, note=ctx.note)
-    if info.is_main:
-        publish_model(ctx.output_dir, trained, cfg.lora, job, title=f"sft {job.project}")
-    return trained.metrics if info.is_main else {}
+    return run_finetune(ctx, "sft", train, title=lambda cfg: "")
 
 
 def skip_reason(cfg: SftConfig | None) -> str | None:
     """`llmctl run` leaves sft out of a project that names no chat data."""
-    if cfg is None or cfg.data is None:
-        return "no sft.data in llmctl.yaml"
-    return None
+    return without_data("sft", cfg)
 
 
 def source_fingerprint(cfg: SftConfig | None, project_dir: Path) -> list[dict[str, Any]]:
@@ -90,23 +83,12 @@ def source_fingerprint(cfg: SftConfig | None, project_dir: Path) -> list[dict[st
 
 def preflight(cfg: SftConfig, world_size: int) -> None:
     """Checks that need only the config and the process count: run once before any process starts."""
-    grad_accum_steps(cfg, world_size)
+    grad_accum_steps("sft", cfg.micro_batch_size, cfg.batch_size, world_size)
     if cfg.data is None:
         raise ConfigError(
             "sft.data: no chat data configured",
             hint="add `sft: {data: {sources: [{path: data/chat.jsonl}]}}` to llmctl.yaml",
         )
-
-
-def grad_accum_steps(cfg: SftConfig, world_size: int) -> int:
-    per_pass = cfg.micro_batch_size * world_size
-    if cfg.batch_size % per_pass:
-        raise ConfigError(
-            f"sft.batch_size ({cfg.batch_size}) is not a multiple of micro_batch_size x world_size = "
-            f"{cfg.micro_batch_size} x {world_size} = {per_pass}",
-            hint=f"set sft.batch_size={max(per_pass, cfg.batch_size // per_pass * per_pass)}",
-        )
-    return cfg.batch_size // per_pass
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -233,7 +215,7 @@ def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: 
         if cfg.packing == "packed"
         else None
     )
-    accum = grad_accum_steps(cfg, info.world_size)
+    accum = grad_accum_steps("sft", cfg.micro_batch_size, cfg.batch_size, info.world_size)
     steps_per_epoch = max(1, math.ceil(len(rows) / cfg.batch_size))
     if cfg.max_steps is not None:
         max_steps, horizon = cfg.max_steps, "max_steps"
