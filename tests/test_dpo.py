@@ -208,25 +208,35 @@ def test_two_processes_compute_the_reference_by_shares(tmp_path, base_model, pai
     from safetensors.torch import load_file
 
     import llmctl.stages.dpo as dpo
+    from llmctl.config.preference import PreferenceDataConfig
+    from llmctl.data.preference import load_preference_data
+    from llmctl.model.checkpoint import load_model_folder
+    from llmctl.train.chat_template import ensure_chat_template
+    from llmctl.train.preference import fit_pairs, reference_logps
 
-    tables = {}
-    for gpus in (1, 2):
-        folder = tmp_path / f"p{gpus}"
-        folder.mkdir()
-        (folder / "llmctl.yaml").write_text(
-            "name: t\n"
-            "dpo:\n"
-            f"  data:\n    sources:\n      - path: {pairs_file}\n"
-            "  seq_len: 128\n  micro_batch_size: 2\n  batch_size: 8\n  max_steps: 2\n  eval_every: 0\n"
-        )
-        assert run_cli("import", str(base_model), cwd=folder).code == 0
-        result = run_cli("dpo", "--gpus", str(gpus), "--device", "cpu", "--json", cwd=folder, timeout=600)
-        assert result.code == 0, result.stderr[-3000:]
-        assert result.json()["metrics"]["world_size"] == gpus
-        (path,) = folder.glob(f"workspace/runs/dpo/*/{dpo.REFERENCE_FILE}")
-        tables[gpus] = load_file(str(path))
-    assert tables[1]["train"].abs().min() > 0  # every pair got its log-probs, none left at 0
-    torch.testing.assert_close(tables[2]["train"], tables[1]["train"], rtol=0, atol=1e-5)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "llmctl.yaml").write_text(
+        "name: t\n"
+        "dpo:\n"
+        f"  data:\n    sources:\n      - path: {pairs_file}\n"
+        "  seq_len: 128\n  micro_batch_size: 2\n  batch_size: 8\n  max_steps: 2\n  eval_every: 0\n"
+    )
+    assert run_cli("import", str(base_model), cwd=folder).code == 0
+    result = run_cli("dpo", "--gpus", "2", "--device", "cpu", "--json", cwd=folder, timeout=600)
+    assert result.code == 0, result.stderr[-3000:]
+    assert result.json()["metrics"]["world_size"] == 2
+    (path,) = folder.glob(f"workspace/runs/dpo/*/{dpo.REFERENCE_FILE}")
+    shared = load_file(str(path))["train"]
+
+    # the same pairs in one process, here
+    model, _ = load_model_folder(base_model, dtype=torch.float32)
+    tok, _ = ensure_chat_template(model, load_folder_tokenizer(base_model))
+    data = load_preference_data(PreferenceDataConfig(sources=[{"path": str(pairs_file)}]), tmp_path)
+    pairs, _, _ = fit_pairs(dpo.tokenize_pairs(tok, data.train), 128)
+    alone = reference_logps(model, dpo.batches_of(pairs, 2, 0), len(pairs), "cpu")
+    assert alone.abs().min() > 0  # every pair got its log-probs, none left at 0
+    torch.testing.assert_close(shared, alone, rtol=0, atol=1e-5)
 
 
 def test_edited_pairs_make_dpo_run_again(tmp_path, base_model, pairs_file):
