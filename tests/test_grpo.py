@@ -238,3 +238,27 @@ def test_a_completion_that_stopped_keeps_its_stop_token_for_training(base_model)
     assert tokens == free.tokens[: k + 1] and logps == pytest.approx(free.logprobs[: k + 1], abs=1e-6)
     batch = collate_rollout([prompt], [(tokens, logps)], torch.zeros(1), 0)
     assert batch.targets[0, len(prompt) - 1 + k].item() == stop and int(batch.mask.sum()) == k + 1
+
+
+def test_rl_moves_a_reward_the_policy_can_reach(tmp_path, base_model, prompts_dir):
+    """A reward a random model can improve on at once (the share of vowels in its answer): a few steps
+    of GRPO raise it. The spike test of other stages is off for grpo: a policy-gradient loss centres
+    on 0 and changes sign, and with it on, steps were skipped as "spikes" and nothing was learned."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "toy_reward.py").write_text(
+        "def score(record, completion):\n    return sum(c in 'aeiou' for c in completion) / max(1, len(completion))\n"
+    )
+    project, folder = grpo_project(
+        tmp_path,
+        prompts_dir,
+        rewards=[{"type": "function", "function": "toy_reward:score"}],
+        num_generations=8,
+        prompts_per_step=4,
+        micro_batch_size=16,
+        max_steps=12,
+        eval_every=0,
+        optimizer={"lr": 1e-2, "warmup_steps": 0},
+    )
+    art = run_grpo(project, folder, base_model).artifact
+    rewards = [r["reward"] for r in metric_rows(art.path) if "loss" in r]
+    assert len(rewards) == 12 and sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards

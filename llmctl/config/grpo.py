@@ -102,6 +102,12 @@ class GrpoConfig(TrainingConfig):
         description="Prompts longer than this (in tokens, template included) are left out, counted.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (off: full fine-tuning).")
+    spike_factor: float = Field(
+        0.0,
+        ge=0,
+        description="The spike test of other stages is off by default: a policy-gradient loss centres on 0 "
+        "and changes sign, so 'x times the recent mean' means nothing (NaN/inf steps are still skipped).",
+    )
     samples_every: int = Field(
         10,
         ge=0,
