@@ -27,9 +27,8 @@ from safetensors.torch import load_file, save_file
 from llmctl.config.dpo import DpoConfig
 from llmctl.data.preference import PreferencePair, load_preference_data
 from llmctl.errors import ConfigError, InputError
-from llmctl.model.checkpoint import load_model_folder
 from llmctl.model.config import flops_per_token, num_params
-from llmctl.model.hf_tokenizer import FolderTokenizer, load_folder_tokenizer
+from llmctl.model.hf_tokenizer import FolderTokenizer
 from llmctl.reporting import Reporter
 from llmctl.stages.finetune import (
     Job,
@@ -42,12 +41,12 @@ from llmctl.stages.finetune import (
     merged_state,
     pad_id_of,
     run_finetune,
+    start_finetune,
     without_data,
 )
 from llmctl.train import distributed as D
-from llmctl.train.chat_template import ensure_chat_template
 from llmctl.train.loop import LossFn, LossOutput, Trainer
-from llmctl.train.precision import autocast_factory, resolve_dtype
+from llmctl.train.precision import autocast_factory
 from llmctl.train.preference import (
     REFERENCE_FREE,
     PairBatch,
@@ -61,7 +60,7 @@ from llmctl.train.preference import (
     tokenize_pair,
 )
 from llmctl.train.sampler import ShuffledRows
-from llmctl.train.setup import apply_cpu_threads, make_optimizer, prepare_model
+from llmctl.train.setup import make_optimizer, prepare_model
 from llmctl.train.validation import loss_validation
 
 DEFAULT_EPOCHS = 1.0
@@ -222,22 +221,11 @@ def preference_objective(cfg: DpoConfig, reference: torch.Tensor | None, device:
 def train(cfg: DpoConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: Any = None) -> TrainedModel:
     """Setup, reference log-probs, training and the final (merged) state on every rank; only rank 0
     writes files."""
-    if not info.is_main:
-        reporter = Reporter()
-    note = note if (note is not None and info.is_main) else (lambda _msg: None)
     preflight(cfg, info.world_size)
-    apply_cpu_threads(cfg, info)
-    dtype = resolve_dtype(cfg.dtype, info.device, section="dpo")
+    start = start_finetune("dpo", cfg, job, info, reporter, note)
+    model, tok, added_tokens, dtype = start.model, start.tok, start.added_tokens, start.dtype
+    reporter, note = start.reporter, start.note
     base = base_training_config(job)
-
-    # -- model and tokenizer with a chat template
-    torch.manual_seed(cfg.seed)
-    model, _ = load_model_folder(job.model_path, device=info.device, dtype=torch.float32)
-    base_vocab = model.config.vocab_size
-    tok, changed = ensure_chat_template(model, load_folder_tokenizer(job.model_path))
-    if changed:
-        note(f"dpo: {changed}")
-    added_tokens = model.config.vocab_size != base_vocab
     mc = model.config
     seq_len, seq_source = choose_seq_len("dpo", cfg.seq_len, mc, base)
     lr, lr_source = choose_lr(

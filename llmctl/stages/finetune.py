@@ -97,6 +97,42 @@ def grad_accum_steps(section: str, micro_batch_size: int, batch_size: int, world
 
 
 @dataclass
+class Start:
+    """What every fine-tuning recipe starts from (`start_finetune`)."""
+
+    model: torch.nn.Module  # the base model in fp32 on this rank's device, chat tokens added if needed
+    tok: FolderTokenizer  # with a chat template (ChatML when the base had none)
+    added_tokens: bool  # the vocabulary grew (an adapter alone could not carry the new rows)
+    dtype: str  # the compute dtype
+    reporter: Any  # a silent one on ranks > 0
+    note: Callable[[str], None]  # no-op on ranks > 0
+
+
+def start_finetune(section: str, cfg: Any, job: Job, info: Any, reporter: Any, note: Any) -> Start:
+    """The start every fine-tuning recipe shares, on every rank: threads, dtype, the seed, the base
+    model and its tokenizer with a chat template."""
+    from llmctl.model.checkpoint import load_model_folder
+    from llmctl.model.hf_tokenizer import load_folder_tokenizer
+    from llmctl.reporting import Reporter
+    from llmctl.train.chat_template import ensure_chat_template
+    from llmctl.train.precision import resolve_dtype
+    from llmctl.train.setup import apply_cpu_threads
+
+    if not info.is_main:
+        reporter = Reporter()
+    note = note if (note is not None and info.is_main) else (lambda _msg: None)
+    apply_cpu_threads(cfg, info)
+    dtype = resolve_dtype(cfg.dtype, info.device, section=section)
+    torch.manual_seed(cfg.seed)
+    model, _ = load_model_folder(job.model_path, device=info.device, dtype=torch.float32)
+    base_vocab = model.config.vocab_size
+    tok, changed = ensure_chat_template(model, load_folder_tokenizer(job.model_path))
+    if changed:
+        note(f"{section}: {changed}")
+    return Start(model, tok, model.config.vocab_size != base_vocab, dtype, reporter, note)
+
+
+@dataclass
 class TrainedModel:
     """What a fine-tuning recipe hands to `publish_model` (rank 0)."""
 

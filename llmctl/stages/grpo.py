@@ -25,10 +25,8 @@ import torch
 from llmctl.config.grpo import GrpoConfig
 from llmctl.errors import ConfigError, InputError
 from llmctl.evals.evaluate import stderr_of
-from llmctl.model.checkpoint import load_model_folder
 from llmctl.model.config import flops_per_token, num_params
 from llmctl.model.engine import SamplingParams
-from llmctl.model.hf_tokenizer import load_folder_tokenizer
 from llmctl.reporting import Reporter
 from llmctl.rl.grpo_loss import policy_loss
 from llmctl.rl.prompts import PromptRecord, load_prompt_data
@@ -42,13 +40,12 @@ from llmctl.stages.finetune import (
     merged_state,
     pad_id_of,
     run_finetune,
+    start_finetune,
     without_data,
 )
 from llmctl.train import distributed as D
-from llmctl.train.chat_template import ensure_chat_template
 from llmctl.train.loop import LossFn, LossOutput, Trainer
-from llmctl.train.precision import resolve_dtype
-from llmctl.train.setup import apply_cpu_threads, make_optimizer, prepare_model
+from llmctl.train.setup import make_optimizer, prepare_model
 
 FULL_LR_FRACTION = 0.1  # a tenth of the lr the base model was trained with
 FULL_LR_FALLBACK = 1e-6  # TRL's GRPOConfig default, for a base model whose lr is unknown
@@ -172,20 +169,10 @@ def heldout_rewards(
 
 def train(cfg: GrpoConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: Any = None) -> TrainedModel:
     """Setup, rollouts and updates, and the final (merged) state on every rank; only rank 0 writes."""
-    if not info.is_main:
-        reporter = Reporter()
-    note = note if (note is not None and info.is_main) else (lambda _msg: None)
     preflight(cfg, info.world_size)
-    apply_cpu_threads(cfg, info)
-    dtype = resolve_dtype(cfg.dtype, info.device, section="grpo")
-
-    torch.manual_seed(cfg.seed)
-    model, _ = load_model_folder(job.model_path, device=info.device, dtype=torch.float32)
-    base_vocab = model.config.vocab_size
-    tok, changed = ensure_chat_template(model, load_folder_tokenizer(job.model_path))
-    if changed:
-        note(f"grpo: {changed}")
-    added_tokens = model.config.vocab_size != base_vocab
+    start = start_finetune("grpo", cfg, job, info, reporter, note)
+    model, tok, added_tokens, dtype = start.model, start.tok, start.added_tokens, start.dtype
+    reporter, note = start.reporter, start.note
     mc = model.config
     lr, lr_source = choose_lr(
         "grpo",

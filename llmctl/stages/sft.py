@@ -39,6 +39,7 @@ from llmctl.stages.finetune import (
     merged_state,
     pad_id_of,
     run_finetune,
+    start_finetune,
     without_data,
 )
 from llmctl.train import distributed as D
@@ -54,9 +55,8 @@ from llmctl.train.packing import (
     pack,
     packing_efficiency,
 )
-from llmctl.train.precision import resolve_dtype
 from llmctl.train.sampler import ShuffledRows
-from llmctl.train.setup import apply_cpu_threads, make_optimizer, prepare_model
+from llmctl.train.setup import make_optimizer, prepare_model
 from llmctl.train.validation import loss_validation
 
 DEFAULT_EPOCHS = 3
@@ -169,22 +169,11 @@ def inspect_example(cfg: SftConfig, base: Any, project_dir: Path, index: int):
 
 def train(cfg: SftConfig, job: Job, info: D.DistInfo, reporter: Reporter, note: Any = None) -> TrainedModel:
     """Setup, training and the final (merged) state on every rank; only rank 0 writes files."""
-    if not info.is_main:
-        reporter = Reporter()
-    note = note if (note is not None and info.is_main) else (lambda _msg: None)
     preflight(cfg, info.world_size)
-    apply_cpu_threads(cfg, info)
-    dtype = resolve_dtype(cfg.dtype, info.device, section="sft")
+    start = start_finetune("sft", cfg, job, info, reporter, note)
+    model, tok, added_tokens, dtype = start.model, start.tok, start.added_tokens, start.dtype
+    reporter, note = start.reporter, start.note
     base = base_training_config(job)
-
-    # -- model and tokenizer with a chat template
-    torch.manual_seed(cfg.seed)
-    model, _ = load_model_folder(job.model_path, device=info.device, dtype=torch.float32)
-    base_vocab = model.config.vocab_size
-    tok, changed = ensure_chat_template(model, load_folder_tokenizer(job.model_path))
-    if changed:
-        note(f"sft: {changed}")
-    added_tokens = model.config.vocab_size != base_vocab
     check_end_of_turn_trained(tok)
     mc = model.config
     seq_len, seq_source = choose_seq_len("sft", cfg.seq_len, mc, base)
