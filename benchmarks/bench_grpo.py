@@ -104,14 +104,13 @@ def check_same_prompt_ids(folder: Path, records: list[dict]) -> None:
     from transformers import AutoTokenizer
 
     from llmctl.model.hf_tokenizer import load_folder_tokenizer
-    from llmctl.rl.rollout import prompt_ids
 
     ours, hf = load_folder_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
     for record in records:
         theirs = hf.apply_chat_template(
             record["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
         )
-        assert prompt_ids(ours, record["prompt"]) == list(theirs["input_ids"]), "prompt ids differ from TRL's"
+        assert ours.encode_chat(record["prompt"]) == list(theirs["input_ids"]), "prompt ids differ from TRL's"
 
 
 def completion_batch(args) -> int:

@@ -93,3 +93,16 @@ class DataConfig(Section):
         description="What to do with a malformed record (bad JSON, missing or non-string text): "
         "'error' stops with file:line, 'skip' drops and counts it.",
     )
+
+
+class RecordDataConfig(Section):
+    """Base of the sections that read records and split off val data (sft's chat, dpo's pairs, grpo's
+    prompts): each declares `sources`, `on_error`, `val_fraction` and `val_sources`; the val split is
+    picked one way only."""
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_val(self) -> RecordDataConfig:
+        fraction_given = "val_fraction" in self.model_fields_set and getattr(self, "val_fraction", 0)
+        if getattr(self, "val_sources", None) is not None and fraction_given:
+            raise ValueError("give either val_fraction or val_sources, not both")
+        return self

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from llmctl.config.base import Section
-from llmctl.config.data import SourceLocation
+from llmctl.config.data import RecordDataConfig, SourceLocation
 
 DEFAULT_VAL_FRACTION = 0.05
 
@@ -48,7 +47,7 @@ class PreferenceSourceConfig(SourceLocation):
     )
 
 
-class PreferenceDataConfig(Section):
+class PreferenceDataConfig(RecordDataConfig):
     """The preference pairs a model is optimised on, and the ones its val metrics are measured on."""
 
     sources: list[PreferenceSourceConfig] = Field(
@@ -72,9 +71,3 @@ class PreferenceDataConfig(Section):
         min_length=1,
         description="Separate val pairs; when set, every pair of `sources` is trained on.",
     )
-
-    @model_validator(mode="after")
-    def _one_way_to_pick_val(self) -> PreferenceDataConfig:
-        if self.val_sources is not None and "val_fraction" in self.model_fields_set and self.val_fraction:
-            raise ValueError("give either val_fraction or val_sources, not both")
-        return self

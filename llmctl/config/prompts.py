@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from llmctl.config.base import Section
-from llmctl.config.data import SourceLocation
+from llmctl.config.data import RecordDataConfig, SourceLocation
 
 DEFAULT_VAL_FRACTION = 0.05
 GSM8K_PROMPT_KEY = "question"  # read when prompt_key is left at "prompt" and a record has no "prompt"
@@ -43,7 +42,7 @@ class PromptSourceConfig(SourceLocation):
     )
 
 
-class PromptDataConfig(Section):
+class PromptDataConfig(RecordDataConfig):
     """The prompts a policy is trained on with verifiable rewards, and the ones it is evaluated on."""
 
     sources: list[PromptSourceConfig] = Field(
@@ -67,9 +66,3 @@ class PromptDataConfig(Section):
         min_length=1,
         description="Separate held-out prompts; when set, every prompt of `sources` is trained on.",
     )
-
-    @model_validator(mode="after")
-    def _one_way_to_pick_val(self) -> PromptDataConfig:
-        if self.val_sources is not None and "val_fraction" in self.model_fields_set and self.val_fraction:
-            raise ValueError("give either val_fraction or val_sources, not both")
-        return self

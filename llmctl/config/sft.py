@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from llmctl.config.base import Section
-from llmctl.config.data import SourceLocation
+from llmctl.config.data import RecordDataConfig, SourceLocation
 from llmctl.config.training import TrainingConfig
 
 DEFAULT_VAL_FRACTION = 0.05
@@ -42,7 +42,7 @@ class ChatSourceConfig(SourceLocation):
     )
 
 
-class ChatDataConfig(Section):
+class ChatDataConfig(RecordDataConfig):
     """The conversations a chat model is fine-tuned on, and the ones its val loss is measured on."""
 
     sources: list[ChatSourceConfig] = Field(
@@ -65,12 +65,6 @@ class ChatDataConfig(Section):
         min_length=1,
         description="Separate val conversations; when set, every conversation of `sources` is trained on.",
     )
-
-    @model_validator(mode="after")
-    def _one_way_to_pick_val(self) -> ChatDataConfig:
-        if self.val_sources is not None and "val_fraction" in self.model_fields_set and self.val_fraction:
-            raise ValueError("give either val_fraction or val_sources, not both")
-        return self
 
 
 class LoraConfig(Section):

@@ -69,11 +69,6 @@ def rollout_seed(seed: int, rollout: int, rank: int) -> int:
     return (seed * 1_000_003 + rollout * 7919 + rank) % (2**62)
 
 
-def prompt_ids(tok: Any, prompt: list[dict]) -> list[int]:
-    text = tok.render_chat(prompt, add_generation_prompt=True)
-    return list(tok.tokenizer.encode(text, add_special_tokens=False).ids)
-
-
 def completion_tokens(completion: Any) -> tuple[list[int], list[float]]:
     """The sampled tokens with the stop token that ended them (the model must learn to stop), and
     their log-probs."""
@@ -139,7 +134,7 @@ class RolloutSource:
             collate=lambda picked: picked,
         )
         self.engine = Engine(policy, tok.tokenizer)
-        self.prompt_ids = [prompt_ids(tok, p.prompt) for p in prompts]
+        self.prompt_ids = [list(tok.encode_chat(p.prompt)) for p in prompts]
         self.rollouts = 0  # rollouts made so far
         self.passes = 0  # passes over the current rollout
         self.position = 0  # micro-batches of the current pass served

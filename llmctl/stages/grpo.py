@@ -30,7 +30,7 @@ from llmctl.model.engine import SamplingParams
 from llmctl.reporting import Reporter
 from llmctl.rl.grpo_loss import policy_loss
 from llmctl.rl.prompts import PromptRecord, load_prompt_data
-from llmctl.rl.rollout import RolloutBatch, RolloutSource, prompt_ids
+from llmctl.rl.rollout import RolloutBatch, RolloutSource
 from llmctl.rl.verifiers import Reward, build_reward
 from llmctl.stages.finetune import (
     Job,
@@ -153,7 +153,7 @@ def heldout_rewards(
         policy = engine.model
         was_training = policy.training
         policy.eval()
-        outs = engine.generate([prompt_ids(tok, prompts[i].prompt) for i in mine], params)
+        outs = engine.generate([tok.encode_chat(prompts[i].prompt) for i in mine], params)
         policy.train(was_training)
         results = reward.score(
             [prompts[i].record for i in mine], [o.text or "" for o in outs], [prompts[i].id for i in mine]
@@ -193,7 +193,7 @@ def train(cfg: GrpoConfig, job: Job, info: D.DistInfo, reporter: Reporter, note:
             f"model's context ({mc.max_seq_len})",
             hint=f"set grpo.rollout.max_new_tokens below {mc.max_seq_len}",
         )
-    fits = lambda p: len(prompt_ids(tok, p.prompt)) <= room  # noqa: E731
+    fits = lambda p: len(tok.encode_chat(p.prompt)) <= room  # noqa: E731
     train_prompts, val_prompts = [p for p in data.train if fits(p)], [p for p in data.val if fits(p)]
     too_long = len(data.train) + len(data.val) - len(train_prompts) - len(val_prompts)
     if len(train_prompts) < cfg.prompts_per_step:

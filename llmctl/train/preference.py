@@ -115,8 +115,7 @@ def tokenize_pair(tok: Any, prompt: list[dict], chosen: list[dict], rejected: li
     writes after it for that answer, through the end of the turn (the tokens sft trains on)."""
     from llmctl.train.chat_tokens import tokenize_conversation
 
-    prompt_text = tok.render_chat(prompt, add_generation_prompt=True)
-    prompt_ids = list(tok.tokenizer.encode(prompt_text, add_special_tokens=False).ids)
+    prompt_ids = list(tok.encode_chat(prompt))
     completions = []
     for answer in (chosen, rejected):
         ex = tokenize_conversation(tok, [*prompt, *answer], turns="last")
