@@ -196,7 +196,7 @@ def test_synthetic_rl_prompts_are_deterministic(tmp_path: Path) -> None:
     for file in (RL_PROMPTS_FILE, RL_EVAL_FILE):
         a = (tmp_path / "a" / file).read_bytes()
         assert a == (tmp_path / "b" / file).read_bytes() and a != (tmp_path / "c" / file).read_bytes()
-    assert (made["a"].train, made["a"].eval) == (307, 159)
+    assert (made["a"].train, made["a"].eval, made["a"].facts) == (238, 228, 114)
 
 
 def test_synthetic_rl_prompts_are_true_held_out_and_avoid_chat_eval(tmp_path: Path) -> None:
@@ -212,9 +212,13 @@ def test_synthetic_rl_prompts_are_true_held_out_and_avoid_chat_eval(tmp_path: Pa
         assert r["answer"] == world.facts[(r["subject"], r["relation"])]  # the world's value
         assert all(m["role"] == "system" and m["content"] in SYSTEM_PROMPTS for m in head)
         assert r["subject"] not in chat_held, r  # RL on chat_eval's facts would contaminate it
-    train_subjects, held_subjects = {r["subject"] for r in train}, {r["subject"] for r in held}
-    assert not train_subjects & held_subjects and held_subjects == set(made.eval_subjects)
-    assert train_subjects | held_subjects | chat_held == {s for s, _ in world.facts}  # every entity used
+    # No question is asked on both sides; every fact is asked on both, in other words.
+    assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in held}
+    facts = {(r["subject"], r["relation"]) for r in held}
+    assert facts == {(r["subject"], r["relation"]) for r in train} and len(facts) == made.facts
+    assert {s for s, _ in facts} | chat_held == {s for s, _ in world.facts}  # every entity used
+    asked = {(r["relation"], r["prompt"][-1]["content"].replace(r["subject"], "{s}")) for r in held}
+    assert asked == {(rel, q) for rel, qs in QUESTIONS.items() for q in qs}  # each phrasing held out somewhere
     assert not any(len(r["prompt"]) > 1 for r in held)  # plain questions, as chat_eval asks them
     assert 0.25 < sum(len(r["prompt"]) > 1 for r in train) / len(train) < 0.45
     assert len({r["id"] for r in train + held}) == len(train) + len(held)

@@ -6,15 +6,17 @@ answers in a sentence ("Its capital is Ostrin."), as sft taught it. A tiny chat 
 right for some of its samples and wrong for others, so groups of samples differ in reward and GRPO
 has a signal without any new format to learn.
 
-Two files, about disjoint sets of subjects:
+Two files, with no prompt in common:
 
-* `rl_prompts.jsonl` (train): every phrasing of every fact of the train subjects, a system prompt
-  (one of sft's) on about a third of them, in a seeded order;
-* `rl_eval.jsonl` (held out): every phrasing of every fact of the eval subjects, plain questions as
-  `chat_eval.jsonl` asks them. The eval subjects are every `eval_every`-th subject of each kind by
-  popularity (from a seeded offset), so train and eval span the same range from famous to obscure.
-  What the eval measures is whether RL on some subjects makes the model state the facts of others
-  better, not whether it memorised the train answers.
+* `rl_prompts.jsonl` (train): for every fact, all but `eval_phrasings` of its phrasings, a system
+  prompt (one of sft's) on about a third of them, in a seeded order;
+* `rl_eval.jsonl` (held out): the other `eval_phrasings` phrasings of every fact (a seeded pick per
+  fact, so every phrasing occurs on both sides), plain questions as `chat_eval.jsonl` asks them.
+
+What the held-out reward measures is whether RL made the model state a fact right when asked in words
+it was never rewarded on: the policy has to move the fact, not a string. (RL on some subjects scored on
+others moved a greedy held-out reward by only +0.044 +- 0.025 here: RL sharpens what a model samples,
+and a greedy answer about a subject RL never saw rarely changes.)
 
 Neither file asks about a fact that `generate_chat` holds out for `chat_eval.jsonl` (the same
 `heldout_facts` of the same world and seed): RL on them would contaminate the generative eval. The
@@ -37,108 +39,89 @@ from llmctl.data.synthetic_chat import (
     DEFAULT_HELDOUT_FRACTION,
     QUESTIONS,
     SYSTEM_PROMPTS,
-    FactKey,
     heldout_facts,
 )
 from llmctl.errors import InputError
 
 RL_PROMPTS_FILE = "rl_prompts.jsonl"
 RL_EVAL_FILE = "rl_eval.jsonl"
-DEFAULT_EVAL_EVERY = 3  # a third of the trainable subjects go to the held-out prompts
+DEFAULT_EVAL_PHRASINGS = 2  # of every fact's 4-5 phrasings; the other 2-3 are trained on
 SYSTEM_SHARE = 0.35  # as in the chat conversations
 
 
 @dataclass(frozen=True)
 class RlPromptSet:
-    """What `generate_rl_prompts` wrote: the prompt counts and the held-out (eval) subjects."""
+    """What `generate_rl_prompts` wrote: the prompt counts and how many facts they ask about."""
 
     seed: int
     train: int
     eval: int
-    eval_subjects: list[str]
+    facts: int
 
 
-def split_subjects(
-    world: World, heldout: list[FactKey], seed: int, eval_every: int = DEFAULT_EVAL_EVERY
-) -> tuple[list[str], list[str]]:
-    """(train subjects, eval subjects) among the subjects `heldout` leaves out, each in world order:
-    every `eval_every`-th subject of each kind by popularity, from a seeded offset, goes to eval."""
-    if eval_every < 2:
-        raise InputError(
-            f"eval_every must be at least 2 (else nothing is left to train on), got {eval_every}"
-        )
-    held_subjects = {subject for subject, _ in heldout}
-    rng = random.Random(f"rl-split-{seed}")
-    train: list[str] = []
-    evaluated: list[str] = []
-    for kind, names in world.entities.items():
-        ranked = sorted(
-            (s for s in names if s not in held_subjects),
-            key=lambda s: -world.weights[kind][names.index(s)],
-        )
-        offset = rng.randrange(eval_every)
-        picked = {s for i, s in enumerate(ranked) if i % eval_every == offset}
-        train += [s for s in names if s in ranked and s not in picked]
-        evaluated += [s for s in names if s in picked]
-    return train, evaluated
-
-
-def _rows(world: World, subjects: list[str], prefix: str) -> list[dict]:
-    """Every phrasing of every fact of `subjects`, in world order, as plain user questions."""
-    kind_of = {s: kind for kind, names in world.entities.items() for s in names}
-    rows = []
-    for subject in subjects:
-        for rel in world.relations_of(kind_of[subject]):
-            for question in QUESTIONS[rel.name]:
-                rows.append(
-                    {
-                        "id": f"{prefix}-{len(rows):04d}",
-                        "prompt": [{"role": "user", "content": question.format(s=subject)}],
-                        "answer": world.facts[(subject, rel.name)],
-                        "subject": subject,
-                        "relation": rel.name,
-                    }
-                )
-    return rows
+def _fact_rows(world: World, subject: str, relation: str) -> list[dict]:
+    """The fact (subject, relation) in each of its phrasings, as plain user questions."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": question.format(s=subject)}],
+            "answer": world.facts[(subject, relation)],
+            "subject": subject,
+            "relation": relation,
+        }
+        for question in QUESTIONS[relation]
+    ]
 
 
 def rl_prompt_rows(
     seed: int = 0,
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
-    eval_every: int = DEFAULT_EVAL_EVERY,
+    eval_phrasings: int = DEFAULT_EVAL_PHRASINGS,
 ) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows): the records `generate_rl_prompts` writes."""
+    fewest = min(len(q) for q in QUESTIONS.values())
+    if not 1 <= eval_phrasings < fewest:
+        raise InputError(
+            f"eval_phrasings must be between 1 and {fewest - 1} (every fact needs a phrasing on each "
+            f"side), got {eval_phrasings}"
+        )
     world = World.build(seed)
-    train_subjects, eval_subjects = split_subjects(
-        world, heldout_facts(world, seed, heldout_fraction), seed, eval_every
-    )
+    held_subjects = {subject for subject, _ in heldout_facts(world, seed, heldout_fraction)}
     rng = random.Random(f"rl-prompts-{seed}")
-    train = _rows(world, train_subjects, f"rl-{seed}")
+    train: list[dict] = []
+    evaluated: list[dict] = []
+    facts = 0
+    for kind, names in world.entities.items():
+        for subject in (s for s in names if s not in held_subjects):
+            for rel in world.relations_of(kind):
+                phrasings = _fact_rows(world, subject, rel.name)
+                rng.shuffle(phrasings)
+                evaluated += phrasings[:eval_phrasings]
+                train += phrasings[eval_phrasings:]
+                facts += 1
     for row in train:
         if rng.random() < SYSTEM_SHARE:
             row["prompt"].insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     rng.shuffle(train)
-    return train, _rows(world, eval_subjects, f"rl-eval-{seed}")
+    for prefix, rows in ((f"rl-{seed}", train), (f"rl-eval-{seed}", evaluated)):
+        for i, row in enumerate(rows):
+            rows[i] = {"id": f"{prefix}-{i:04d}", **row}
+    return train, evaluated
 
 
 def generate_rl_prompts(
     out_dir: Path,
     seed: int = 0,
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
-    eval_every: int = DEFAULT_EVAL_EVERY,
+    eval_phrasings: int = DEFAULT_EVAL_PHRASINGS,
 ) -> RlPromptSet:
     """Write `out_dir/rl_prompts.jsonl` and `out_dir/rl_eval.jsonl`, avoiding what `generate_chat` with
     the same seed and fraction holds out. Same seed, same bytes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, evaluated = rl_prompt_rows(seed, heldout_fraction, eval_every)
+    train, evaluated = rl_prompt_rows(seed, heldout_fraction, eval_phrasings)
     for name, rows in ((RL_PROMPTS_FILE, train), (RL_EVAL_FILE, evaluated)):
         with open(out_dir / name, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return RlPromptSet(
-        seed=seed,
-        train=len(train),
-        eval=len(evaluated),
-        eval_subjects=list(dict.fromkeys(row["subject"] for row in evaluated)),
-    )
+    facts = len({(row["subject"], row["relation"]) for row in evaluated})
+    return RlPromptSet(seed=seed, train=len(train), eval=len(evaluated), facts=facts)
