@@ -179,6 +179,85 @@ def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
     return hold
 
 
+def _find_stop(text: str, emitted: str, stop_strings: tuple[str, ...]) -> int | None:
+    """Index of the earliest stop string in text (searching only where a new one can be)."""
+    best = None
+    for s in stop_strings:
+        start = max(0, len(emitted) - len(s) + 1)
+        i = text.find(s, start)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+class IncrementalDetokenizer:
+    """The text of a growing list of tokens, decoding only a short window per new token.
+
+    Decoding the whole output at every step costs O(length) per token; instead, as vLLM and
+    transformers' TextStreamer do, decode the tokens from `prefix` on with and without the new ones
+    and append the difference. Starting both decodes at the same earlier token keeps what a decoder
+    does at the start of a string (a SentencePiece leading space) out of the difference, and text
+    ending in an incomplete UTF-8 character (U+FFFD) waits for the next token."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.text = ""  # complete characters so far
+        self._prefix = 0  # first token of the decode window
+        self._read = 0  # tokens before this one are in `text`
+
+    def push(self, token: int) -> None:
+        self.tokens.append(token)
+        before = self.decode(self.tokens[self._prefix : self._read])
+        after = self.decode(self.tokens[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+
+    def final_text(self) -> str:
+        """`text` plus whatever the tokens not yet in it decode to (a partial character as U+FFFD)."""
+        if self._read == len(self.tokens):
+            return self.text
+        before = self.decode(self.tokens[self._prefix : self._read])
+        return self.text + self.decode(self.tokens[self._prefix :])[len(before) :]
+
+
+class RowText:
+    """One row's visible text: incremental detokenization, stop strings, and hold-back of text that
+    may still turn into a stop string. Shared by Engine.stream and the serving scheduler, so both cut
+    and stream text the same way. Without a decode function every call returns ""."""
+
+    def __init__(self, decode: Callable[[list[int]], str] | None, stop_strings: tuple[str, ...]):
+        self._detok = IncrementalDetokenizer(decode) if decode is not None else None
+        self.stop_strings = stop_strings
+        self.emitted = ""  # text already handed out
+
+    def push(self, token: int, *, last: bool) -> tuple[str, bool]:
+        """(new visible text, whether a stop string ended the row) after `token`; `last`: no more
+        tokens will come (the length limit), so nothing is held back."""
+        if self._detok is None:
+            return "", False
+        self._detok.push(token)
+        full = self._detok.final_text() if last else self._detok.text
+        cut = _find_stop(full, self.emitted, self.stop_strings)
+        stopped = cut is not None
+        if stopped:
+            full = full[:cut]
+        keep = len(full) if stopped or last else len(full) - _held_back(full, self.stop_strings)
+        text = full[len(self.emitted) : keep] if keep > len(self.emitted) else ""
+        self.emitted += text
+        return text, stopped
+
+    def flush(self) -> str:
+        """Text still held back when the row ends on a stop token."""
+        if self._detok is None:
+            return ""
+        full = self._detok.final_text()
+        text = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
+        self.emitted += text
+        return text
+
+
 # ---- engine --------------------------------------------------------------------------------------
 
 
@@ -324,7 +403,7 @@ class Engine:
                 res.logprobs = []
         stop_ids = set(params.stop_token_ids)
         active = [True] * R
-        emitted = [""] * R  # text already yielded per row
+        texts = [RowText(self.decode, params.stop_strings) for _ in range(R)]
         cache = self._get_cache(R, total)
         decoder = self._get_decoder()
 
@@ -352,21 +431,15 @@ class Engine:
                 if tok in stop_ids:
                     active[row] = False
                     res.finish_reason, res.stop_token, res.stop_logprob = "stop", tok, chosen_logprobs[row]
-                    yield TokenEvent(row, None, self._flush(row, res, emitted), "stop")
+                    yield TokenEvent(row, None, texts[row].flush(), "stop")
                     continue
                 res.tokens.append(tok)
                 if res.logprobs is not None:
                     res.logprobs.append(chosen_logprobs[row])
                 finish: FinishReason | None = "length" if last_step else None
-                text = ""
-                if self.decode is not None:
-                    full = self.decode(res.tokens)
-                    cut = self._find_stop(full, emitted[row], params.stop_strings)
-                    if cut is not None:
-                        full, finish = full[:cut], "stop"
-                    keep = len(full) if finish else len(full) - _held_back(full, params.stop_strings)
-                    text = full[len(emitted[row]) : keep] if keep > len(emitted[row]) else ""
-                    emitted[row] += text
+                text, stopped = texts[row].push(tok, last=last_step)
+                if stopped:
+                    finish = "stop"
                 if finish:
                     active[row] = False
                     res.finish_reason = finish
@@ -435,23 +508,3 @@ class Engine:
         rows = torch.tensor(live, device=logits.device)
         ids[rows] = sample_next(logits[rows], params, [generators[r] for r in live])
         return ids
-
-    def _flush(self, row: int, res: Completion, emitted: list[str]) -> str:
-        """Text still held back when a row stops on a stop token."""
-        if self.decode is None:
-            return ""
-        full = self.decode(res.tokens)
-        text = full[len(emitted[row]) :] if full.startswith(emitted[row]) else ""
-        emitted[row] += text
-        return text
-
-    @staticmethod
-    def _find_stop(text: str, emitted: str, stop_strings: tuple[str, ...]) -> int | None:
-        """Index of the earliest stop string in text (searching only where a new one can be)."""
-        best = None
-        for s in stop_strings:
-            start = max(0, len(emitted) - len(s) + 1)
-            i = text.find(s, start)
-            if i != -1 and (best is None or i < best):
-                best = i
-        return best
