@@ -1,0 +1,258 @@
+"""GGUF export: our own import and transformers' GGUF loader read back what export_gguf writes.
+
+The models are tiny but every weight matters: all weights are random at a scale that keeps
+activations O(1), norms are perturbed, one MLP width (200) is not a whole number of 32-wide blocks
+(so its down_proj takes the f16 fallback), and the embedding has 8 rows more than the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from llmctl.errors import InputError
+from llmctl.model.checkpoint import load_model_folder, save_model_folder
+from llmctl.model.config import ModelConfig
+from llmctl.model.gguf_export import available_qtypes, export_gguf, permute_rope
+from llmctl.model.hf_import import import_model, unpermute_rope
+from llmctl.model.hf_tokenizer import load_folder_tokenizer
+from llmctl.model.transformer import Transformer
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(2)
+
+# Logits of the re-imported model vs the source, as (mean, max) of |difference|, on these random
+# models whose logits have std ~1.0 (measured: f16 0.0008/0.007, q8_0 0.02/0.15, q4_0 0.30/2.4: a
+# random network has no redundancy, so q4_0 moves single logits far). The bounds leave ~2.5x
+# headroom; K-quants, where the gguf package can write them, get the bound of the block type below.
+LOGIT_TOLERANCE = {
+    "f16": (2e-3, 2e-2),
+    "q8_0": (0.05, 0.4),
+    "q4_0": (0.75, 5.0),
+    "q6_k": (0.05, 0.4),
+    "q4_k": (0.75, 5.0),
+}
+VARIANTS = {
+    "llama": dict(),
+    "llama-untied": dict(tie_embeddings=False),
+    "qwen2": dict(attention_bias=True),
+    # A head_dim apart from n_embd / n_head; 128 because transformers' GGUF loader does not read
+    # attention.key_length and falls back on Qwen3Config's default, 128.
+    "qwen3": dict(qk_norm=True, head_dim=128),
+}
+SAMPLE_TEXTS = [
+    "The capital of France is Paris. 1234567 + 89 = ?",
+    "  leading spaces,\ttabs\nand new lines\n\n   ünïcödé 🙂 <|im_start|>user<|im_end|>",
+]
+CHAT = [{"role": "user", "content": "Name a prime above 10."}, {"role": "assistant", "content": "11"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory) -> Path:
+    """llmctl's own byte-level BPE (GPT-4 split, ChatML template, BOS before every document)."""
+    from llmctl.data.synthetic import iter_documents
+    from llmctl.data.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok = train_tokenizer((d["text"] for d in iter_documents(200, seed=1)), vocab_size=512)
+    tok.save(folder, model_max_length=128)
+    return folder
+
+
+def model_folder(folder: Path, tokenizer_folder: Path, **overrides) -> Path:
+    import shutil
+
+    tok = load_folder_tokenizer(tokenizer_folder)
+    cfg = ModelConfig(
+        vocab_size=tok.tokenizer.get_vocab_size() + 8,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=128,
+        intermediate_size=200,
+        max_seq_len=128,
+        rope_theta=50000.0,
+        norm_eps=1e-6,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif p.dim() == 1:  # norms
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    save_model_folder(model, folder, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    for path in tokenizer_folder.iterdir():
+        shutil.copyfile(path, folder / path.name)
+    return folder
+
+
+def source_and_ids(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    model, cfg = load_model_folder(folder)
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size - 8, (2, 48))
+    with torch.no_grad():
+        return model(ids), ids
+
+
+def rounded_source(folder: Path, qtype: str) -> Transformer:
+    """The source model with every 2-D weight quantized and dequantized as the export does (f16
+    where a row is not whole blocks), no permutation: what the import must reproduce."""
+    from gguf.quants import dequantize, quantize
+
+    from llmctl.model.checkpoint import model_from_state_dict
+
+    model, cfg = load_model_folder(folder)
+    qt = gguf.GGMLQuantizationType[qtype.upper()]
+    block = gguf.GGML_QUANT_SIZES[qt][0]
+    state = {}
+    for name, w in model.state_dict().items():
+        if w.dim() == 2 and qtype != "f16" and w.shape[1] % block == 0:
+            w = torch.from_numpy(dequantize(quantize(w.numpy(), qt), qt).copy())
+        elif w.dim() == 2:
+            w = w.half().float()
+        state[name] = w
+    return model_from_state_dict(cfg, state).eval()
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("qtype", available_qtypes())
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_import_of_our_export_round_trips(tmp_path: Path, tokenizer_folder: Path, variant: str, qtype: str):
+    src = model_folder(tmp_path / "src", tokenizer_folder, **VARIANTS[variant])
+    ref, ids = source_and_ids(src)
+    out = export_gguf(src, tmp_path / "model.gguf", qtype)
+    assert out == tmp_path / "model.gguf" and not list(tmp_path.glob(".*.tmp"))
+
+    types = tensor_types(out)
+    assert ("output.weight" in types) is (variant == "llama-untied")  # llama.cpp reuses token_embd
+    block_type = qtype.upper()
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == block_type and types["token_embd.weight"] == block_type
+    # Rows of 200 are not a whole number of 32 (or 256) wide blocks: f16, as convert_hf_to_gguf does.
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == block_type
+    if variant == "qwen2":
+        assert types["blk.1.attn_k.bias"] == "F32"
+    if variant == "qwen3":
+        assert types["blk.1.attn_k_norm.weight"] == "F32"
+
+    result = import_model(out, tmp_path / "back")
+    assert result.architecture == variant.split("-")[0]
+    model, cfg = load_model_folder(tmp_path / "back")
+    assert cfg.replace(norm_eps=1e-6) == load_model_folder(src)[1]  # eps travels as a float32
+    with torch.no_grad():
+        got = model(ids)
+    mean, worst = (got - ref).abs().mean().item(), (got - ref).abs().max().item()
+    assert mean <= LOGIT_TOLERANCE[qtype][0] and worst <= LOGIT_TOLERANCE[qtype][1], (
+        f"{variant} {qtype}: |logit diff| mean {mean:.4f}, max {worst:.4f}"
+    )
+    if qtype != "f16":  # the file really is quantized: further from the source than f16 is
+        assert mean > 5e-3, f"{variant} {qtype}: mean |logit diff| {mean} is f16-small"
+    # Sharper: exactly the source with each weight rounded as that type rounds it.
+    with torch.no_grad():
+        torch.testing.assert_close(got, rounded_source(src, qtype)(ids), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", available_qtypes())
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+def test_transformers_gguf_loader_matches_our_import(
+    tmp_path: Path, tokenizer_folder: Path, variant: str, qtype: str
+):
+    src = model_folder(tmp_path / "src", tokenizer_folder, **VARIANTS[variant])
+    _, ids = source_and_ids(src)
+    export_gguf(src, tmp_path / "model.gguf", qtype)
+    import_model(tmp_path / "model.gguf", tmp_path / "back")
+    ours, _ = load_model_folder(tmp_path / "back")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="model.gguf", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        # Both dequantise the same blocks to float32 and run the same math.
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_and_chat_template_survive_the_round_trip(tmp_path: Path, tokenizer_folder: Path):
+    src = model_folder(tmp_path / "src", tokenizer_folder)
+    export_gguf(src, tmp_path / "model.gguf", "q8_0")
+    fields = gguf.GGUFReader(tmp_path / "model.gguf").fields
+    before = load_folder_tokenizer(src)
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "llama-bpe"  # llmctl's GPT-4 split
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == before.bos_id
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == before.eos_id
+    assert fields["tokenizer.ggml.padding_token_id"].contents() == before.tokenizer.token_to_id("<|pad|>")
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True  # llmctl models see BOS first
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == before.tokenizer.get_vocab_size() + 8 and tokens[-1] == f"[PAD{len(tokens) - 1}]"
+    assert fields["tokenizer.ggml.token_type"].contents()[before.tokenizer.token_to_id("<|im_end|>")] == 3
+
+    import_model(tmp_path / "model.gguf", tmp_path / "back")
+    after = load_folder_tokenizer(tmp_path / "back")
+    assert after.chat_template == before.chat_template
+    for text in SAMPLE_TEXTS:
+        assert after.tokenizer.encode(text).ids == before.tokenizer.encode(text).ids
+    assert after.encode_chat(CHAT) == before.encode_chat(CHAT)
+    assert (after.bos_id, after.eos_id) == (before.bos_id, before.eos_id)
+
+
+def test_cli_import_of_an_export_in_a_new_project(tmp_path: Path, tokenizer_folder: Path):
+    src = model_folder(tmp_path / "src", tokenizer_folder)
+    ref, ids = source_and_ids(src)
+    export_gguf(src, tmp_path / "model.gguf", "q8_0")
+    assert run_cli("init", "proj", cwd=tmp_path).code == 0
+    imported = run_cli("import", str(tmp_path / "model.gguf"), "--json", cwd=tmp_path / "proj")
+    assert imported.code == 0, imported.stderr
+    doc = imported.json()
+    assert doc["metrics"]["kind"] == "gguf" and doc["metrics"]["architecture"] == "llama"
+    model, _ = load_model_folder(Path(doc["path"]))
+    with torch.no_grad():
+        assert (model(ids) - ref).abs().mean().item() <= LOGIT_TOLERANCE["q8_0"][0]
+    template = (Path(doc["path"]) / "chat_template.jinja").read_text()
+    assert template == load_folder_tokenizer(src).chat_template
+
+
+def test_rope_permutation_is_the_inverse_of_the_importers():
+    w = torch.randn(4 * 2 * 8, 16)
+    permuted = permute_rope(w, 4)
+    assert not torch.equal(permuted, w)
+    torch.testing.assert_close(unpermute_rope(permuted, 4), w, atol=0, rtol=0)
+
+
+def test_unknown_or_unavailable_type_is_a_clear_error(tmp_path: Path, tokenizer_folder: Path):
+    src = model_folder(tmp_path / "src", tokenizer_folder)
+    with pytest.raises(InputError, match=r"unknown GGUF type 'q3_xl'; known: f16, q8_0, q4_0") as err:
+        export_gguf(src, tmp_path / "model.gguf", "q3_xl")
+    assert "--type" in err.value.hint
+    for kquant in ("q4_k", "q6_k"):
+        if kquant not in available_qtypes():
+            with pytest.raises(InputError, match=rf"'{kquant}' needs a quantizer the installed gguf package"):
+                export_gguf(src, tmp_path / "model.gguf", kquant)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unsupported_tokenizer_and_rope_scaling_are_input_errors(tmp_path: Path, tokenizer_folder: Path):
+    src = model_folder(tmp_path / "src", tokenizer_folder)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\w+|\s+"
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(InputError, match="pre-tokenizer is not one llama.cpp knows"):
+        export_gguf(src, tmp_path / "model.gguf", "f16")
+
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="linear rope scaling is not supported"):
+        export_gguf(src, tmp_path / "model.gguf", "f16")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
