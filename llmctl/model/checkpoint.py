@@ -4,6 +4,11 @@ A model folder holds `config.json`, `generation_config.json`, the weights as `mo
 (or `model-0000K-of-0000N.safetensors` shards plus `model.safetensors.index.json` above
 `max_shard_bytes`) and, copied in by the caller, tokenizer files (`TOKENIZER_FILES`).
 
+A quantized model (QuantizedLinear layers, llmctl/model/quantize.py) is saved in compressed-tensors'
+`pack-quantized` format: config.json's `quantization_config` names the scheme, each quantized layer
+stores `weight_packed`/`weight_scale`/`weight_shape` (and `weight_zero_point`) instead of `weight`.
+Loading such a folder rebuilds the QuantizedLinear layers.
+
     save_model_folder(model, "out/model", dtype=torch.bfloat16, eos_token_id=0)
     model, cfg = load_model_folder("out/model", device="cuda")
 """
@@ -16,9 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from llmctl.errors import InputError
 from llmctl.model.config import ModelConfig
+from llmctl.model.quantize import (
+    QuantizedLinear,
+    is_quantized_config,
+    layer_from_tensors,
+    packed_tensors,
+    quantized_modules,
+    replace_module,
+    scheme_from_config,
+)
 from llmctl.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -78,6 +93,7 @@ def save_state_dict_folder(
     pad_token_id: int | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     generation_config: dict | None = None,
+    quantization_config: dict | None = None,
 ) -> list[Path]:
     """Write HF-named tensors and cfg as a model folder; returns the files written.
 
@@ -130,6 +146,8 @@ def save_state_dict_folder(
     config = hf_config_dict(
         cfg, dtype=save_dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
     )
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     written.append(folder / CONFIG_FILE)
     gen = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
@@ -142,8 +160,22 @@ def save_state_dict_folder(
 
 def save_model_folder(model: Transformer, folder: str | Path, **options: Any) -> list[Path]:
     """Save a Transformer as an HF-Llama-compatible folder; `options` as for save_state_dict_folder
-    (dtype=None keeps the model's). Returns the files written."""
-    return save_state_dict_folder(model.state_dict(), model.config, folder, **options)
+    (dtype=None keeps the model's). Returns the files written. A model with QuantizedLinear layers
+    is written in compressed-tensors' pack-quantized format (with `quantization_config`, see
+    quantize.quantization_config, in options)."""
+    layers = quantized_modules(model)
+    if not layers:
+        return save_state_dict_folder(model.state_dict(), model.config, folder, **options)
+    assert "quantization_config" in options, "a quantized model is saved with its quantization_config"
+    dtype = options.get("dtype") or model.model.embed_tokens.weight.dtype
+    tensors = {
+        name: t
+        for name, t in model.state_dict().items()
+        if name.rpartition(".")[0] not in layers  # codes/scale/zero: written packed below
+    }
+    for prefix, layer in layers.items():
+        tensors.update(packed_tensors(prefix, layer, dtype))
+    return save_state_dict_folder(tensors, model.config, folder, **{**options, "dtype": dtype})
 
 
 def read_json(path: Path) -> dict:
@@ -210,16 +242,20 @@ def model_from_state_dict(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     source: str = "checkpoint",
+    quantized: dict[str, nn.Module] | None = None,
 ) -> Transformer:
-    """Build a Transformer from HF-named tensors without a random init (meta device + assign)."""
+    """Build a Transformer from HF-named tensors without a random init (meta device + assign).
+    `quantized` maps module names to the layers that replace them (their tensors are not in
+    state_dict)."""
+    quantized = quantized or {}
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
         state_dict.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in quantized}
     if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -238,10 +274,44 @@ def model_from_state_dict(
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     state_dict = {k: v.to(device) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "lm_head" not in quantized:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope_buffers(device)
+    for name, layer in quantized.items():
+        replace_module(model, name, layer.to(device))
+    if "lm_head" in quantized:  # reset_rope_buffers took the dtype of the meta lm_head
+        embed = model.model.embed_tokens.weight
+        model.rope_cos, model.rope_sin = model.rope_cos.to(embed.dtype), model.rope_sin.to(embed.dtype)
     return model
+
+
+def quantized_layers(
+    qconfig: Any, tensors: dict[str, torch.Tensor], source: str
+) -> dict[str, QuantizedLinear]:
+    """The QuantizedLinear layers of a compressed-tensors pack-quantized folder (their tensors are
+    taken out of `tensors`); InputError for a quantization this loader does not run."""
+    groups = qconfig.get("config_groups") if isinstance(qconfig, dict) else None
+    supported = (
+        isinstance(qconfig, dict)
+        and qconfig.get("quant_method") == "compressed-tensors"
+        and qconfig.get("format") == "pack-quantized"
+        and isinstance(groups, dict)
+        and len(groups) == 1
+    )
+    group = next(iter(groups.values())) if supported else {}
+    if not supported or group.get("input_activations") or not group.get("weights"):
+        raise InputError(
+            f"{source}: quantization_config is not one llmctl runs "
+            f"(method {qconfig.get('quant_method') if isinstance(qconfig, dict) else qconfig!r})",
+            hint="llmctl loads compressed-tensors pack-quantized int4/int8 weight-only models "
+            "(what `llmctl quantize` writes); dequantize others with transformers first",
+        )
+    try:
+        scheme = scheme_from_config(group["weights"], source)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    prefixes = [k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")]
+    return {p: layer_from_tensors(tensors, p, scheme) for p in sorted(prefixes)}
 
 
 def load_model_folder(
@@ -249,7 +319,12 @@ def load_model_folder(
 ) -> tuple[Transformer, ModelConfig]:
     """Load a model folder; dtype=None keeps the stored dtype. Returns (model in eval mode, config)."""
     folder = Path(folder)
-    cfg, _ = read_model_config(folder)
+    cfg, raw = read_model_config(folder)
     tensors = load_safetensors(weight_files(folder))
-    model = model_from_state_dict(cfg, tensors, device=device, dtype=dtype, source=str(folder))
+    quantized = None
+    if is_quantized_config(raw):
+        quantized = quantized_layers(raw["quantization_config"], tensors, str(folder / CONFIG_FILE))
+    model = model_from_state_dict(
+        cfg, tensors, device=device, dtype=dtype, source=str(folder), quantized=quantized
+    )
     return model.eval(), cfg

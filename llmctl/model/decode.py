@@ -10,6 +10,10 @@ cores each stream their own share of the memory bandwidth. Fusing q/k/v and gate
 matrix each halves the calls. Together: the 124M model decodes 2.4-2.5x faster at batch 1 and
 1.6-1.7x at batch 8 than through `Transformer.forward` (benchmarks/bench_decode.py).
 
+A quantized model (QuantizedLinear layers, llmctl/model/quantize.py) decodes through torch's packed
+int8/int4 kernels instead (`QuantizedPackedLinear`: q/k/v and gate/up fused the same way), which read
+1/4 or ~1/8 of the fp32 bytes per token.
+
 The packed copy costs one extra copy of the weights in memory; `PackedDecoder.is_current()`
 tells when the model's weights changed since packing (an optimizer step, a load), so a
 long-lived engine (RL rollouts between policy updates) repacks instead of decoding stale weights.
@@ -26,15 +30,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmctl.model.quantize import KernelWeight, QuantizedLinear, QuantizedWeight, has_kernel
 from llmctl.model.transformer import KVCache, RMSNorm, Transformer, apply_rotary
 
 
 def packing_pays_off(model: Transformer) -> bool:
-    """Packed decode is measured faster for fp32 weights on CPU (the only case measured); GPUs have
-    fast few-row GEMMs, and MKL has no batched bf16 GEMM to spread over cores."""
-    weight = model.lm_head.weight
+    """Packed decode is measured faster for fp32 weights on CPU (the only case measured), and for
+    quantized weights on CPU whose scheme has a kernel; GPUs have fast few-row GEMMs, and MKL has no
+    batched bf16 GEMM to spread over cores."""
+    weight = model.model.embed_tokens.weight  # the residual stream's dtype
     if any(hasattr(m, "lora_A") for m in model.modules()):
         return False  # adapters live in hooks on the linear layers; packed weights would skip them
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if any(not has_kernel(m.scheme) for m in quantized):
+        return False
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
@@ -58,16 +67,42 @@ class PackedLinear:
         return y if self.bias is None else y + self.bias
 
 
+class QuantizedPackedLinear:
+    """PackedLinear's counterpart for QuantizedLinear layers: their codes concatenated along out, in
+    the layout of torch's packed int8/int4 kernels (quantize.KernelWeight)."""
+
+    def __init__(self, layers: list[QuantizedLinear]):
+        self.kernel = KernelWeight(QuantizedWeight.cat([m.quantized_weight() for m in layers]))
+        bias = [m.bias for m in layers]
+        self.bias = None if bias[0] is None else torch.cat([b.detach() for b in bias])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernel(x)
+        return y if self.bias is None else y + self.bias
+
+
+Packed = PackedLinear | QuantizedPackedLinear
+
+
+def pack_linears(layers: list[nn.Module], blocks: int) -> Packed:
+    """One fused packed product for nn.Linear layers, or for QuantizedLinear layers of one scheme."""
+    if isinstance(layers[0], QuantizedLinear):
+        assert all(isinstance(m, QuantizedLinear) and m.scheme == layers[0].scheme for m in layers), layers
+        return QuantizedPackedLinear(layers)
+    bias = [m.bias for m in layers] if layers[0].bias is not None else None
+    return PackedLinear([m.weight for m in layers], bias, blocks)
+
+
 @dataclass
 class PackedLayer:
     input_norm: RMSNorm
-    qkv: PackedLinear
+    qkv: Packed
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
-    o: PackedLinear
+    o: Packed
     post_attention_norm: RMSNorm
-    gate_up: PackedLinear
-    down: PackedLinear
+    gate_up: Packed
+    down: Packed
 
 
 class PackedDecoder:
@@ -80,21 +115,19 @@ class PackedDecoder:
         self._signature = self._weights_signature()
         with torch.no_grad():
             self.layers = [self._pack_block(block) for block in model.model.layers]
-            self.lm_head = PackedLinear([model.lm_head.weight], None, self.blocks)
+            self.lm_head = pack_linears([model.lm_head], self.blocks)
 
     def _pack_block(self, block: nn.Module) -> PackedLayer:
         attn, mlp = block.self_attn, block.mlp
-        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-        bias = [p.bias for p in projections] if attn.q_proj.bias is not None else None
         return PackedLayer(
             input_norm=block.input_layernorm,
-            qkv=PackedLinear([p.weight for p in projections], bias, self.blocks),
+            qkv=pack_linears([attn.q_proj, attn.k_proj, attn.v_proj], self.blocks),
             q_norm=attn.q_norm if attn.qk_norm else None,
             k_norm=attn.k_norm if attn.qk_norm else None,
-            o=PackedLinear([attn.o_proj.weight], None, self.blocks),
+            o=pack_linears([attn.o_proj], self.blocks),
             post_attention_norm=block.post_attention_layernorm,
-            gate_up=PackedLinear([mlp.gate_proj.weight, mlp.up_proj.weight], None, self.blocks),
-            down=PackedLinear([mlp.down_proj.weight], None, self.blocks),
+            gate_up=pack_linears([mlp.gate_proj, mlp.up_proj], self.blocks),
+            down=pack_linears([mlp.down_proj], self.blocks),
         )
 
     def _weights_signature(self) -> tuple:
@@ -114,6 +147,17 @@ class PackedDecoder:
                 torch.stack([p.detach().reshape(-1)[-1].float() for p in params]).tolist() if params else []
             )
         return tuple((p.data_ptr(), version(p), probe) for p, probe in zip(params, probes, strict=True))
+
+    def nbytes(self) -> int:
+        """Bytes of the packed copies (the memory decoding adds to the model's own)."""
+
+        def size(p: Packed) -> int:
+            if isinstance(p, QuantizedPackedLinear):
+                return p.kernel.nbytes()
+            return p.weight.numel() * p.weight.element_size()
+
+        packed = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return sum(size(p) for p in [*packed, self.lm_head])
 
     def is_current(self) -> bool:
         """False once any parameter was replaced or updated in place since packing."""

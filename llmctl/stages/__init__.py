@@ -129,6 +129,22 @@ register(
 )
 register(
     Stage(
+        name="quantize",
+        description="Quantize a model's weights (int8, int4; RTN or GPTQ), score it against its source, and "
+        "measure size and decode speed.",
+        output_kind=MODEL,
+        sections=("quantize",),
+        config="llmctl.config.quantize:QuantizeConfig",
+        command="llmctl.cli.quantize:quantize",
+        newest=False,  # a compressed copy: `latest` and eval's default stay the model it came from
+        inputs=(
+            InputSlot("model", (MODEL,), newest_in_pipeline=True, config_key="model"),
+            InputSlot("data", (TOKENS,), ("tokenize",), required=False),
+        ),
+    )
+)
+register(
+    Stage(
         name="import",
         description="Import a pretrained checkpoint (HF folder, hub id or GGUF) as a model artifact.",
         output_kind=MODEL,

@@ -95,6 +95,9 @@ class Stage:
     command: str | None = None  # "module:function" of its CLI command; None: a generic one
     distributed: bool = False  # runs on N processes under torchrun: --gpus/--nodes/--device (launch.py)
     examples: tuple[str, ...] = ()  # usage lines for the generic command's --help
+    # Whether its artifacts count as "the newest" (stage_order): not for a copy of another stage's
+    # model (quantize), which eval after training must not pick, nor a second `llmctl run` re-score.
+    newest: bool = True
 
     def load_run(self) -> Callable[[StageContext], dict[str, Any]]:
         return self._module().run
@@ -149,8 +152,10 @@ def pipeline_stages() -> list[Stage]:
 
 def stage_order() -> list[str]:
     """Pipeline order for "newest": stages outside the pipeline (starting points such as `import`)
-    first, then the pipeline stages in the order `llmctl run` walks them."""
-    return [s.name for s in STAGES.values() if not s.in_pipeline] + [s.name for s in pipeline_stages()]
+    first, then the pipeline stages in the order `llmctl run` walks them; stages with newest=False
+    left out (name them: `quantize:latest`)."""
+    order = [s for s in STAGES.values() if not s.in_pipeline] + pipeline_stages()
+    return [s.name for s in order if s.newest]
 
 
 def project_model() -> type:
