@@ -262,6 +262,11 @@ class Scheduler:
             self._thread.join()
 
     @property
+    def queue_length(self) -> int:
+        """Requests submitted and not yet decoding (waiting, or part-way through their prefill)."""
+        return len(self._waiting) + (self._prefilling is not None)
+
+    @property
     def busy(self) -> bool:
         return bool(self._waiting or self._rows or self._prefilling)
 
