@@ -262,3 +262,48 @@ def test_rl_moves_a_reward_the_policy_can_reach(tmp_path, base_model, prompts_di
     art = run_grpo(project, folder, base_model).artifact
     rewards = [r["reward"] for r in metric_rows(art.path) if "loss" in r]
     assert len(rewards) == 12 and sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_a_group_sharing_one_copy_of_its_prompt_gives_the_loss_and_gradients_of_separate_rows(
+    base_model, loss_type
+):
+    """Rollout rows hold a prompt once and its G samples after it, each sample seeing only the prompt
+    and itself: the loss, and the gradient it sends to every weight, equal those of one row per
+    sample (what TRL computes), while the prompt's forward and backward run once per group."""
+    from llmctl.model.checkpoint import load_model_folder
+    from llmctl.rl.grpo_loss import policy_loss
+    from llmctl.rl.rollout import collate_rollout
+
+    model, _ = load_model_folder(base_model, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [[1, 5, 9, 13, 4, 2], [2, 6, 3]]
+    lengths = [[3, 1, 5], [2, 4, 0]]  # ragged, and a sample with no token (counts for nothing)
+    samples = [
+        (torch.randint(4, 60, (n,), generator=gen).tolist(), (-torch.rand(n, generator=gen)).tolist())
+        for group in lengths
+        for n in group
+    ]
+    owners = [j for j, group in enumerate(lengths) for _ in group]
+    advantages = torch.randn(len(samples), generator=gen, dtype=torch.float64)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        logps = -model(batch.input_ids, batch.targets, reduction="none", **batch.model_inputs())
+        terms = policy_loss(
+            logps, batch.old_logps.double(), None, advantages, batch.mask, loss_type=loss_type,
+            epsilon_low=0.2, epsilon_high=0.28, beta=0.0, max_completion_length=8,
+            completion_of=batch.completion_of,
+        )  # fmt: skip
+        (terms.loss_sum / terms.units).backward()
+        return terms.loss_sum / terms.units, [p.grad.clone() for p in model.parameters()]
+
+    one_each = collate_rollout([prompts[j] for j in owners], samples, advantages, 0)
+    shared = collate_rollout([prompts[j] for j in owners], samples, advantages, 0, groups=owners)
+    assert one_each.input_ids.shape[0] == 6 and shared.input_ids.shape[0] == 2
+    assert shared.n_real < one_each.n_real  # the prompts once per group
+    loss, grads = loss_and_grads(one_each)
+    loss_shared, grads_shared = loss_and_grads(shared)
+    assert loss.item() != 0 and loss_shared.item() == pytest.approx(loss.item(), rel=1e-10)
+    for g, g_shared in zip(grads, grads_shared, strict=True):
+        torch.testing.assert_close(g_shared, g, rtol=1e-9, atol=1e-12)

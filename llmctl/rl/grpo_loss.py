@@ -71,11 +71,18 @@ def policy_loss(
     epsilon_high: float,
     beta: float,
     max_completion_length: int,
+    completion_of: torch.Tensor | None = None,
 ) -> PolicyTerms:
-    """The loss of a batch of S completions; logps/old_logps/ref_logps/mask are (S, T) over
-    completion positions (see the module docstring)."""
+    """The loss of a batch of S completions (advantages (S,)); logps/old_logps/ref_logps/mask are
+    (B, T) over completion positions (see the module docstring). Row b is completion b unless
+    `completion_of` (B, T) says which completion each position belongs to (rows that hold several
+    completions after one prompt: llmctl.rl.rollout)."""
+    S = advantages.shape[0]
+    if completion_of is None:
+        completion_of = torch.arange(S, device=logps.device)[:, None].expand_as(logps)
+    member = completion_of.clamp(min=0)
     mask = mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)[:, None]
+    adv = advantages.to(logps.dtype)[member]  # (B, T)
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
@@ -87,10 +94,13 @@ def policy_loss(
         kl = torch.exp(diff) - diff - 1
         per_token = per_token + beta * kl
     per_token = per_token * mask
-    # Rows with no completion token (a micro-batch left empty by dropped groups) count for nothing.
-    sequences = int((mask.sum(-1) > 0).sum())
+    # Per completion: its loss and token count. One with no token (a micro-batch left empty by
+    # dropped groups) counts for nothing.
+    seq_tokens = mask.new_zeros(S).index_add_(0, member.flatten(), mask.flatten())
+    sequences = int((seq_tokens > 0).sum())
     if loss_type == "grpo":
-        loss_sum = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+        seq_loss = per_token.new_zeros(S).index_add(0, member.flatten(), per_token.flatten())
+        loss_sum = (seq_loss / seq_tokens.clamp(min=1.0)).sum()
         units = float(sequences)
     elif loss_type == "dapo":
         loss_sum, units = per_token.sum(), float(mask.sum())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from llmctl.rl.grpo_loss import group_advantages
 from llmctl.rl.prompts import PromptRecord
 from llmctl.train import distributed as D
 from llmctl.train.sampler import ShuffledRows
+from llmctl.train.shared_prompt import pack_shared_prompts
 
 BUFFER_FILE = "rollout_buffer.pt"
 SAMPLES_FILE = "samples.jsonl"
@@ -40,18 +42,29 @@ SAMPLES_FILE = "samples.jsonl"
 
 @dataclass
 class RolloutBatch:
-    """Completions (one per row, right-padded after their prompt) and what the loss needs."""
+    """Completions with their prompts, in rows where a group's completions share one copy of their
+    prompt (llmctl.train.shared_prompt), and what the loss needs at each completion token."""
 
-    input_ids: torch.Tensor  # (S, T)
-    targets: torch.Tensor  # (S, T) next-token ids on completion positions, -100 elsewhere
-    old_logps: torch.Tensor  # (S, T) the rollout's log-probs at those positions, 0 elsewhere
-    ref_logps: torch.Tensor | None  # (S, T) the reference's, with beta > 0
-    advantages: torch.Tensor  # (S,)
+    input_ids: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T) next-token ids on completion positions, -100 elsewhere
+    old_logps: torch.Tensor  # (B, T) the rollout's log-probs at those positions, 0 elsewhere
+    ref_logps: torch.Tensor | None  # (B, T) the reference's, with beta > 0
+    advantages: torch.Tensor  # (S,) one per completion
+    completion_of: torch.Tensor  # (B, T) the completion (index into advantages) of each target, -1 elsewhere
     n_real: int  # positions holding a token
+    # Rows holding several completions need their block mask and positions; None for one per row.
+    attention_mask: torch.Tensor | None = None  # (B, 1, T, T) bool
+    position_ids: torch.Tensor | None = None  # (B, T)
 
     @property
     def mask(self) -> torch.Tensor:
         return self.targets != IGNORE_INDEX
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments a forward over these rows needs besides ids and targets."""
+        if self.attention_mask is None:
+            return {}
+        return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -61,7 +74,10 @@ class RolloutBatch:
             move(self.old_logps),
             move(self.ref_logps),
             move(self.advantages),
+            move(self.completion_of),
             self.n_real,
+            move(self.attention_mask),
+            move(self.position_ids),
         )
 
 
@@ -85,21 +101,40 @@ def collate_rollout(
     completions: list[tuple[list[int], list[float]]],
     advantages: torch.Tensor,
     pad_id: int,
+    groups: Sequence[int] | None = None,
 ) -> RolloutBatch:
-    """One row per completion: its prompt, then the completion; targets on completion positions."""
-    rows = [p + c for p, (c, _) in zip(prompts, completions, strict=True)]
-    S, T = len(rows), max(len(r) for r in rows)
-    input_ids = torch.full((S, T), pad_id, dtype=torch.long)
-    targets = torch.full((S, T), IGNORE_INDEX, dtype=torch.long)
-    old = torch.zeros((S, T), dtype=torch.float32)
-    for s, (p, (c, lp)) in enumerate(zip(prompts, completions, strict=True)):
-        input_ids[s, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-        if c:  # position t predicts token t + 1: the completion's tokens sit at len(p) - 1 ...
-            at = len(p) - 1
-            targets[s, at : at + len(c)] = torch.tensor(c, dtype=torch.long)
-            old[s, at : at + len(c)] = torch.tensor(lp, dtype=torch.float32)
-    n_real = sum(len(r) for r in rows)
-    return RolloutBatch(input_ids, targets, old, None, advantages.float(), n_real)
+    """Rows of completions after their prompts, targets on completion positions. Consecutive
+    completions with the same `groups` key (samples of one prompt) share a row and one copy of the
+    prompt; without `groups`, each completion has a row `prompt + completion` of its own."""
+    keys = list(groups) if groups is not None else list(range(len(prompts)))
+    members: list[list[int]] = []  # completion indices of each row
+    for s, key in enumerate(keys):
+        if members and keys[members[-1][0]] == key:
+            members[-1].append(s)
+        else:
+            members.append([s])
+    rows = pack_shared_prompts(
+        [(prompts[idx[0]], [completions[s][0] for s in idx]) for idx in members], pad_id
+    )
+    old = torch.zeros(rows.targets.shape, dtype=torch.float32)
+    completion_of = torch.full(rows.targets.shape, -1, dtype=torch.long)
+    for b, idx in enumerate(members):
+        for k, s in enumerate(idx, 1):
+            at = (rows.segments[b] == k) & (rows.targets[b] != IGNORE_INDEX)
+            old[b, at] = torch.tensor(completions[s][1], dtype=torch.float32)
+            completion_of[b, at] = s
+    shared = any(len(idx) > 1 for idx in members)
+    return RolloutBatch(
+        rows.input_ids,
+        rows.targets,
+        old,
+        None,
+        advantages.float(),
+        completion_of,
+        rows.n_real,
+        rows.attention_mask if shared else None,
+        rows.position_ids if shared else None,
+    )
 
 
 class RolloutSource:
@@ -242,7 +277,11 @@ class RolloutSource:
             rows = keep[b * per_batch : (b + 1) * per_batch]
             if rows:
                 batch = collate_rollout(
-                    [prompts[k] for k in rows], [completions[k] for k in rows], advantages[rows], self.pad_id
+                    [prompts[k] for k in rows],
+                    [completions[k] for k in rows],
+                    advantages[rows],
+                    self.pad_id,
+                    groups=[k // self.group for k in rows],  # samples of a prompt share its row
                 )
             else:
                 batch = collate_rollout([prompts[0]], [([], [])], torch.zeros(1), self.pad_id)
@@ -255,7 +294,7 @@ class RolloutSource:
     def _reference_logps(self, batch: RolloutBatch) -> torch.Tensor:
         device = next(self.reference.parameters()).device
         b = batch.to(device)
-        return (-self.reference(b.input_ids, b.targets, reduction="none")).float().cpu()
+        return (-self.reference(b.input_ids, b.targets, reduction="none", **b.model_inputs())).float().cpu()
 
     def _rollout_stats(
         self, results, rewards, zero_std, outs, completions, generated_s, total_s

@@ -113,7 +113,7 @@ def grpo_objective(cfg: GrpoConfig, device: str) -> LossFn:
 
     def loss(model: torch.nn.Module, batch: RolloutBatch) -> LossOutput:
         b = batch.to(device)
-        nll, entropy = model(b.input_ids, b.targets, reduction="none", entropy=True)
+        nll, entropy = model(b.input_ids, b.targets, reduction="none", entropy=True, **b.model_inputs())
         mask = b.mask
         terms = policy_loss(
             -nll.float(),
@@ -126,6 +126,7 @@ def grpo_objective(cfg: GrpoConfig, device: str) -> LossFn:
             epsilon_high=cfg.clip_high,
             beta=cfg.beta,
             max_completion_length=cfg.rollout.max_new_tokens,
+            completion_of=b.completion_of,
         )
         tokens = terms.tokens
         stats = {

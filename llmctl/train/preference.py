@@ -8,12 +8,9 @@ completion log-probabilities a model gives it, and the losses (DPO, cDPO, robust
                              batch.chosen_tokens, batch.rejected_tokens, beta=0.1)
     scores.losses, scores.chosen_rewards, scores.rejected_rewards      # (P,) each
 
-One row per pair, the prompt computed once: the row is `prompt[:-1] | prompt[-1] chosen |
-prompt[-1] rejected`. The chosen block sees the prompt and itself, the rejected block the prompt and
-itself, never each other, and both continue the prompt's positions, so each completion's logits equal
-those of `prompt + completion` run alone (what TRL's concatenated forward computes with two rows).
-The prompt's last token is written twice because its logits predict the first token of both
-completions, and a position has one target.
+One row per pair, the prompt computed once (llmctl.train.shared_prompt): `prompt[:-1] | prompt[-1]
+chosen | prompt[-1] rejected`, each completion's logits equal to those of `prompt + completion` run
+alone (what TRL's concatenated forward computes with two rows).
 
 The losses follow TRL's definitions (trl.DPOTrainer `loss_type` and trl's CPOTrainer for SimPO):
 with policy/reference log-ratios r_c = pi_c - ref_c and r_r = pi_r - ref_r, summed over completion
@@ -41,12 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.model.transformer import IGNORE_INDEX
+from llmctl.train.shared_prompt import pack_shared_prompts, shared_prompt_length
 
 LossType = Literal["sigmoid", "robust", "ipo", "simpo"]
 REFERENCE_FREE = ("simpo",)
 
-# Segment ids in a pair's row: the shared prompt, the chosen block, the rejected block, padding.
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+# Segment ids of a pair's row (llmctl.train.shared_prompt): the chosen block, the rejected block.
+CHOSEN, REJECTED = 1, 2
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class PairExample:
 
     def __len__(self) -> int:
         """Positions its row takes: the prompt, both completions, and the prompt's last token again."""
-        return len(self.prompt) + len(self.chosen) + len(self.rejected) + 1
+        return shared_prompt_length(self.prompt, (self.chosen, self.rejected))
 
     @property
     def longest(self) -> int:
@@ -172,41 +170,15 @@ def fit_pairs(
 
 def collate_pairs(pairs: Sequence[PairExample], pad_id: int, indices: Sequence[int]) -> PairBatch:
     """One row per pair, right-padded to the longest row (see the module docstring for the layout)."""
-    B, T = len(pairs), max(len(p) for p in pairs)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    segments = torch.full((B, T), PAD, dtype=torch.long)
-    position_ids = torch.zeros((B, T), dtype=torch.long)
-    for b, p in enumerate(pairs):
-        head, last = p.prompt[:-1], p.prompt[-1]
-        n = len(head)
-        blocks = [(PROMPT, head, 0, None)]
-        at = n
-        for seg, completion in ((CHOSEN, p.chosen), (REJECTED, p.rejected)):
-            ids = [last, *completion]
-            blocks.append((seg, ids, at, completion))
-            at += len(ids)
-        for seg, ids, start, completion in blocks:
-            k = len(ids)
-            input_ids[b, start : start + k] = torch.tensor(ids, dtype=torch.long)
-            segments[b, start : start + k] = seg
-            position_ids[b, start : start + k] = torch.arange(n, n + k) if seg != PROMPT else torch.arange(k)
-            if completion is not None:  # each position predicts the next token of its own block
-                targets[b, start : start + k - 1] = torch.tensor(completion, dtype=torch.long)
-        position_ids[b, at:] = torch.arange(T - at)
-    q, k = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones((T, T), dtype=torch.bool).tril()
-    # A completion block sees the prompt and itself; padding only itself (its softmax stays finite).
-    mask = causal & ((k == q) | ((k == PROMPT) & (q != PAD)))
-    n_real = int((segments != PAD).sum())
+    rows = pack_shared_prompts([(p.prompt, [p.chosen, p.rejected]) for p in pairs], pad_id)
     return PairBatch(
-        input_ids,
-        targets,
-        segments,
-        position_ids,
-        mask[:, None],
+        rows.input_ids,
+        rows.targets,
+        rows.segments,
+        rows.position_ids,
+        rows.attention_mask,
         torch.as_tensor(list(indices), dtype=torch.long),
-        n_real,
+        rows.n_real,
     )
 
 
