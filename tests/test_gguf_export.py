@@ -46,7 +46,8 @@ VARIANTS = {
     "qwen3": dict(qk_norm=True, head_dim=128),
 }
 SAMPLE_TEXTS = [
-    "The capital of France is Paris. 1234567 + 89 = ?",
+    # "\n\n" is one pre-token under llama-bpe and two under gpt-2: a wrong pre name changes the ids.
+    "A title\n\nThe capital of France is Paris. 1234567 + 89 = ?",
     "  leading spaces,\ttabs\nand new lines\n\n   ünïcödé 🙂 <|im_start|>user<|im_end|>",
 ]
 CHAT = [{"role": "user", "content": "Name a prime above 10."}, {"role": "assistant", "content": "11"}]
