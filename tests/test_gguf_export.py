@@ -27,13 +27,15 @@ transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
 # Logits of the re-imported model vs the source, as (mean, max) of |difference|, on these random
-# models whose logits have std ~1.0 (measured: f16 0.0008/0.007, q8_0 0.02/0.15, q4_0 0.30/2.4: a
-# random network has no redundancy, so q4_0 moves single logits far). The bounds leave ~2.5x
-# headroom; K-quants, where the gguf package can write them, get the bound of the block type below.
+# models whose logits have std ~1.0 (measured, worst of the 4 variants: f16 0.0008/0.005, q8_0
+# 0.019/0.12, q4_0 0.29/2.0, q4_1 0.27/2.5: a random network has no redundancy, so 4 bits move single
+# logits far). The bounds leave ~2.5x headroom on the mean; K-quants, where the gguf package can
+# write them, get the bound of the block type of their bits.
 LOGIT_TOLERANCE = {
     "f16": (2e-3, 2e-2),
     "q8_0": (0.05, 0.4),
     "q4_0": (0.75, 5.0),
+    "q4_1": (0.75, 5.0),
     "q6_k": (0.05, 0.4),
     "q4_k": (0.75, 5.0),
 }
@@ -105,6 +107,11 @@ def source_and_ids(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return model(ids), ids
 
 
+def output_type(qtype: str) -> str:
+    """The output projection's type for these 128-wide models (not whole 256-blocks: never q6_k)."""
+    return qtype.upper() if qtype in ("f16", "q8_0") else "Q8_0"
+
+
 def rounded_source(folder: Path, qtype: str) -> Transformer:
     """The source model with every 2-D weight quantized and dequantized as the export does (f16
     where a row is not whole blocks), no permutation: what the import must reproduce."""
@@ -113,15 +120,17 @@ def rounded_source(folder: Path, qtype: str) -> Transformer:
     from llmctl.model.checkpoint import model_from_state_dict
 
     model, cfg = load_model_folder(folder)
-    qt = gguf.GGMLQuantizationType[qtype.upper()]
-    block = gguf.GGML_QUANT_SIZES[qt][0]
     state = {}
     for name, w in model.state_dict().items():
-        if w.dim() == 2 and qtype != "f16" and w.shape[1] % block == 0:
+        is_output = name == "lm_head.weight" or (cfg.tie_embeddings and name == "model.embed_tokens.weight")
+        qt = gguf.GGMLQuantizationType[output_type(qtype) if is_output else qtype.upper()]
+        if w.dim() == 2 and qtype != "f16" and w.shape[1] % gguf.GGML_QUANT_SIZES[qt][0] == 0:
             w = torch.from_numpy(dequantize(quantize(w.numpy(), qt), qt).copy())
         elif w.dim() == 2:
             w = w.half().float()
         state[name] = w
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")
     return model_from_state_dict(cfg, state).eval()
 
 
@@ -141,7 +150,13 @@ def test_import_of_our_export_round_trips(tmp_path: Path, tokenizer_folder: Path
     assert ("output.weight" in types) is (variant == "llama-untied")  # llama.cpp reuses token_embd
     block_type = qtype.upper()
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
-    assert types["blk.0.attn_q.weight"] == block_type and types["token_embd.weight"] == block_type
+    assert types["blk.0.attn_q.weight"] == block_type
+    # Below 8 bits the output projection gets q8_0 (llama-quantize: q6_k, or q8_0 for 128-wide rows).
+    output = output_type(qtype)
+    if variant == "llama-untied":
+        assert types["token_embd.weight"] == block_type and types["output.weight"] == output
+    else:
+        assert types["token_embd.weight"] == output
     # Rows of 200 are not a whole number of 32 (or 256) wide blocks: f16, as convert_hf_to_gguf does.
     assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == block_type
     if variant == "qwen2":
@@ -233,7 +248,7 @@ def test_rope_permutation_is_the_inverse_of_the_importers():
 
 def test_unknown_or_unavailable_type_is_a_clear_error(tmp_path: Path, tokenizer_folder: Path):
     src = model_folder(tmp_path / "src", tokenizer_folder)
-    with pytest.raises(InputError, match=r"unknown GGUF type 'q3_xl'; known: f16, q8_0, q4_0") as err:
+    with pytest.raises(InputError, match=r"unknown GGUF type 'q3_xl'; known: f16, q8_0, q4_0, q4_1") as err:
         export_gguf(src, tmp_path / "model.gguf", "q3_xl")
     assert "--type" in err.value.hint
     for kquant in ("q4_k", "q6_k"):

@@ -1,7 +1,7 @@
 """Export an llmctl model folder as one GGUF file, for llama.cpp (and transformers' GGUF loader).
 
     export_gguf(Path("model"), Path("model-q8_0.gguf"), "q8_0")
-    available_qtypes()   # ("f16", "q8_0", "q4_0") with gguf 0.19; K-quants when its quantizer has them
+    available_qtypes()   # ("f16", "q8_0", "q4_0", "q4_1") with gguf 0.19; K-quants when it has them
 
 What is written follows llama.cpp's convert_hf_to_gguf.py, so its runtime reads the file unchanged:
 - architecture `llama` (`qwen2` with q/k/v biases, `qwen3` with QK-norm: the names `ModelConfig`
@@ -10,7 +10,8 @@ What is written follows llama.cpp's convert_hf_to_gguf.py, so its runtime reads 
   interleaved rope order (the inverse of hf_import.unpermute_rope); tied embeddings are stored once,
   as `token_embd.weight` (llama.cpp then reuses it as the output projection);
 - 1-D tensors (norms, biases) in f32; 2-D weights in the chosen type, or f16 where a row is not a
-  whole number of quantization blocks (convert_hf_to_gguf's fallback);
+  whole number of quantization blocks (convert_hf_to_gguf's fallback); below 8 bits the output
+  projection (token_embd when tied) is q8_0, as llama-quantize keeps it (see _output_type);
 - the tokenizer as GPT-2-style byte-level BPE (`tokenizer.ggml.model=gpt2`): tokens, token types,
   merges, the pre-tokenizer's llama.cpp name, BOS/EOS/PAD ids, whether prompts start with BOS, and
   the default chat template.
@@ -21,6 +22,7 @@ so a file written here dequantizes bit-for-bit as llama.cpp's converter would ha
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -40,6 +42,7 @@ _QTYPES = {
     "f16": ("F16", "MOSTLY_F16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),  # q4_0 plus a per-block minimum (llama.cpp's own Q4_1 files)
     "q4_k": ("Q4_K", "MOSTLY_Q4_K_M"),
     "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
 }
@@ -65,6 +68,7 @@ def available_qtypes() -> tuple[str, ...]:
     return tuple(name for name in _QTYPES if _quantizer_works(name))
 
 
+@functools.cache
 def _quantizer_works(name: str) -> bool:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import quantize
@@ -192,10 +196,27 @@ def _encode_tensor(
     data = w.numpy()
     if data.ndim == 1:
         return name, data, None  # norms and biases stay f32, as llama.cpp's converter keeps them
+    if name == "output.weight" or (cfg.tie_embeddings and name == "token_embd.weight"):
+        tensor_type = _output_type(tensor_type, data.shape[-1])
     block = GGML_QUANT_SIZES[tensor_type][0]
     if tensor_type == GGMLQuantizationType.F16 or data.shape[-1] % block:
         return name, data.astype(np.float16), None
     return name, quantize(data, tensor_type), tensor_type
+
+
+def _output_type(tensor_type: Any, row: int) -> Any:
+    """The type of the output projection: llama-quantize (llama_tensor_get_type) gives it q6_k, or
+    q8_0 where rows are not whole 256-blocks, in every type below 8 bits; q8_0 where this gguf
+    package cannot write q6_k. It matters: SmolLM2-135M in q4_1 with a q4_1 output has KL 0.053 to
+    its source, with a q8_0 output (the layout of its published Q4_1 file) 0.0, for 12 MB more."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if tensor_type in (GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0):
+        return tensor_type
+    q6_k = GGMLQuantizationType.Q6_K
+    if row % GGML_QUANT_SIZES[q6_k][0] == 0 and _quantizer_works("q6_k"):
+        return q6_k
+    return GGMLQuantizationType.Q8_0
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
