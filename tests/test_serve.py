@@ -182,21 +182,23 @@ def test_n_choices_with_a_seed(server, client):
 
 def test_stop_sequences_cut_the_text_before_them(server, client):
     model = server_model(server)
-    free = client.completions.create(model=model, prompt="Once upon a time", max_tokens=30, temperature=0)
-    text = free.choices[0].text
-    stop = text[10:13]
-    assert stop and stop in text
-    cut = client.completions.create(
-        model=model, prompt="Once upon a time", max_tokens=30, temperature=0, stop=[stop]
+    kw = dict(model=model, prompt="A", max_tokens=30, temperature=0)
+    free = client.completions.create(**kw, logprobs=0)
+    text, pieces = free.choices[0].text, free.choices[0].logprobs.tokens
+    # A stop string across two tokens: its first character arrives a token early and must be held back.
+    k = next(
+        k
+        for k in range(len(pieces) - 1)
+        if pieces[k]
+        and pieces[k + 1]
+        and "\ufffd" not in pieces[k] + pieces[k + 1]
+        and (pieces[k][-1] + pieces[k + 1][0]) not in "".join(pieces[: k + 1])
     )
+    stop = pieces[k][-1] + pieces[k + 1][0]
+    cut = client.completions.create(**kw, stop=[stop])
     assert cut.choices[0].text == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop" and free.choices[0].finish_reason == "length"
-    streamed = "".join(
-        c.choices[0].text
-        for c in client.completions.create(
-            model=model, prompt="Once upon a time", max_tokens=30, temperature=0, stop=stop, stream=True
-        )
-    )
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=stop, stream=True))
     assert streamed == cut.choices[0].text
 
 
@@ -452,13 +454,18 @@ def test_while_draining_requests_get_503(folder):
     from llmctl.serve.app import ServeState, build_app
 
     loaded = load_model(folder)
-    state = ServeState(loaded, Scheduler(loaded.engine), model_id="m")
+    scheduler = Scheduler(loaded.engine)
+    state = ServeState(loaded, scheduler, model_id="m")
     client = TestClient(build_app(state))
-    assert client.get("/health").status_code == 200
-    state.draining = True
-    r = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
-    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
-    assert client.get("/health").status_code == 503
+    scheduler.start()
+    try:
+        assert client.get("/health").status_code == 200
+        state.draining = True
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert client.get("/health").status_code == 503
+    finally:
+        scheduler.stop()
 
 
 def test_vllm_engine_says_what_is_missing(folder):
