@@ -131,20 +131,26 @@ def test_stream_rows_are_prompt_major(model):
     assert [rows[r] for r in range(6)] == [r.tokens for r in results]
 
 
-def test_per_row_sampling_draws_what_torch_multinomial_draws_for_that_row_alone():
-    """The per-row sampler reimplements multinomial's one-sample path with batched arithmetic; a
-    single-prompt call (one row) therefore samples as it did with torch.multinomial."""
+def test_per_row_sampling_draws_from_the_distribution_and_from_its_own_generator_only():
+    """Each row draws from its own generator: the same as that row sampled alone; the draws follow
+    the row's probabilities; a token cut to probability zero is never drawn."""
     torch.manual_seed(0)
-    probs = (torch.randn(6, 1000) * 3).softmax(-1)
+    logits = torch.randn(6, 1000) * 3
+    logits[:, 7] = float("-inf")  # cut (as top-k/top-p cut)
     for seed in range(20):
-        got = sample_next(
-            probs.log(), SamplingParams(), [torch.Generator().manual_seed(seed + r) for r in range(6)]
+        batched = sample_next(
+            logits, SamplingParams(), [torch.Generator().manual_seed(seed + r) for r in range(6)]
         )
-        expected = [
-            torch.multinomial(probs[r : r + 1], 1, generator=torch.Generator().manual_seed(seed + r)).item()
+        alone = [
+            sample_next(logits[r : r + 1], SamplingParams(), [torch.Generator().manual_seed(seed + r)]).item()
             for r in range(6)
         ]
-        assert got.tolist() == expected
+        assert batched.tolist() == alone
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([sample_next(probs.log(), SamplingParams(), [g]) for _ in range(20000)]).flatten()
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert freq[4] == 0 and torch.allclose(freq, probs[0].double(), atol=0.012), freq
 
 
 def test_row_seeds():

@@ -151,14 +151,16 @@ def sample_next(
     if generator is None or isinstance(generator, torch.Generator):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     assert len(generator) == probs.shape[0], (len(generator), probs.shape)
-    # torch.multinomial(p, 1) takes argmax(p / q), q ~ Exp(1) per entry (ATen's one-sample path), so
-    # each row draws its q from its own generator exactly as a one-row call would, then one batched
-    # divide and argmax (a multinomial call per row was measured up to 10x slower on 2 busy cores).
-    # A batched multinomial would draw row r's q after rows 0..r-1's, tying a row to its batch.
-    q = torch.empty_like(probs)
-    for row, g in zip(q, generator, strict=True):
-        row.exponential_(1, generator=g)
-    return probs.div_(q).argmax(dim=-1)
+    # Inverse CDF: each row draws one uniform from its own generator (so what it samples does not
+    # depend on its batch), then one batched cumsum and search. torch.multinomial's one-sample path
+    # draws an exponential per vocabulary entry instead: 23x slower at 32 rows x 49k tokens on one
+    # core (220 ms a step against 9.4 ms), a fifth of a CPU rollout's time.
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generator])
+    cdf = probs.double().cumsum(dim=-1)  # fp64: 49k fp32 partial sums drift by up to ~1e-3
+    # right=True: the first entry whose cdf exceeds u * total, so a zero-probability entry (cut by
+    # top-k/top-p) is not picked even when u * total lands exactly on its cdf.
+    picked = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True)
+    return picked.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _check_n(n: int) -> None:
