@@ -212,7 +212,10 @@ def test_tokenizer_and_chat_template_survive_the_round_trip(tmp_path: Path, toke
     assert fields["tokenizer.ggml.add_bos_token"].contents() is True  # llmctl models see BOS first
     tokens = fields["tokenizer.ggml.tokens"].contents()
     assert len(tokens) == before.tokenizer.get_vocab_size() + 8 and tokens[-1] == f"[PAD{len(tokens) - 1}]"
-    assert fields["tokenizer.ggml.token_type"].contents()[before.tokenizer.token_to_id("<|im_end|>")] == 3
+    token_types = fields["tokenizer.ggml.token_type"].contents()
+    assert token_types[before.tokenizer.token_to_id("<|im_end|>")] == gguf.TokenType.CONTROL
+    assert token_types[before.tokenizer.token_to_id("The")] == gguf.TokenType.NORMAL
+    assert token_types[-8:] == [gguf.TokenType.UNUSED] * 8  # the embedding rows past the tokenizer
 
     import_model(tmp_path / "model.gguf", tmp_path / "back")
     after = load_folder_tokenizer(tmp_path / "back")
