@@ -58,8 +58,14 @@ def serve(
         ),
     ] = None,
     prefill_chunk: Annotated[
-        int, typer.Option("--prefill-chunk", help="Most prompt tokens prefilled between two decode steps.")
-    ] = 512,
+        int,
+        typer.Option(
+            "--prefill-chunk",
+            help="Most prompt tokens prefilled between two decode steps: lower keeps running streams "
+            "smooth (a CPU prefills 128 tokens in about the time of a few decode steps), higher starts "
+            "new requests sooner.",
+        ),
+    ] = 128,
     max_body_kb: Annotated[
         int, typer.Option("--max-body-kb", help="Largest request body; more gets 413.")
     ] = 1024,

@@ -5,10 +5,10 @@ starting the next request, so the Scheduler keeps one running batch of rows (one
 a request) and at every step:
 
 1. drops cancelled requests (a client went away), freeing their rows at once;
-2. prefills waiting requests, up to `prefill_chunk` prompt tokens per step (a long prompt is
-   prefilled in chunks over several steps, so running rows keep decoding meanwhile), each prompt
-   alone through the model's forward, exactly as `Engine.generate([prompt])` would; its keys and
-   values are then copied into the n rows of its samples;
+2. prefills waiting requests, up to `prefill_chunk` prompt tokens per step (128 by default; a prompt
+   longer than that is prefilled in chunks over several steps, so running rows keep decoding), each prompt
+   alone through the model's forward (one within a chunk exactly as `Engine.generate([prompt])`
+   prefills it); its keys and values are then copied into the n rows of its samples;
 3. decodes one token for every running row in one batched forward (the packed decoder on CPU),
    every row at its own position: the SlotCache writes each row's key at that row's length, and a
    padding mask hides the rest;
@@ -192,7 +192,7 @@ class Scheduler:
         *,
         max_rows: int = 32,
         kv_tokens: int | None = None,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 128,
     ):
         assert max_rows >= 1 and prefill_chunk >= 1, (max_rows, prefill_chunk)
         self.engine = engine
@@ -345,7 +345,12 @@ class Scheduler:
                 req.prefill_cache = KVCache(
                     self.model.config, 1, len(req.prompt), device=self.cache.device, dtype=self.cache.dtype
                 )
-            chunk = req.prompt[req.prefilled : req.prefilled + budget]
+            # Chunks start at multiples of prefill_chunk whatever else runs in the step, so how a
+            # prompt is cut (and so its logits' rounding) depends on the prompt alone.
+            take = min(len(req.prompt) - req.prefilled, self.prefill_chunk)
+            if take > budget:
+                return
+            chunk = req.prompt[req.prefilled : req.prefilled + take]
             idx = torch.tensor([chunk], dtype=torch.long, device=self.cache.device)
             logits = self.model(idx, cache=req.prefill_cache, logits_to_keep=1)[:, -1]  # (1, V)
             req.prefilled += len(chunk)

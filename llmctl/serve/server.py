@@ -30,7 +30,7 @@ class ServeOptions:
     api_key: str | None = None
     max_rows: int = 32
     kv_tokens: int | None = None
-    prefill_chunk: int = 512
+    prefill_chunk: int = 128
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 30.0
