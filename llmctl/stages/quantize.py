@@ -9,7 +9,8 @@ artifact: its val split for perplexity, its train split for GPTQ calibration). S
   3. score both models on `quantize.tasks` (llmctl.evals) and measure bytes on disk, memory while
      decoding and decode tokens/s at batch 1 and 8.
 Metrics: `source/<task>/<metric>`, `quantized/...`, `delta/...`, `ppl_increase_pct`, and the size and
-speed table (`<measure>/source`, `<measure>/quantized`). `gate_failures` turns them into the gates of
+speed table (`<measure>/source`, `<measure>/quantized`, `<measure>/ratio`; with format gguf the bytes
+on disk are the GGUF file's, speed and memory those of its dequantized weights). `gate_failures` turns them into the gates of
 `--max-ppl-increase` and `--min` (exit 1, decided by the CLI after the artifact is published).
 """
 
@@ -78,7 +79,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     errors: dict[str, float] = {}
     if cfg.format == "gguf":
         del model
-        gguf_file = _export_gguf(source.path, out, cfg.gguf_type, reporter)
+        _export_gguf(source.path, out, cfg.gguf_type, reporter)
         described = f"gguf {cfg.gguf_type}"
     else:
         t0 = time.perf_counter()
@@ -125,9 +126,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if errors:
         metrics["calibration_error"] = sum(errors.values()) / len(errors)
     metrics.update(size_and_speed(source.path, out, cfg.speed_tokens, reporter))
-    if cfg.format == "gguf":
-        metrics["bytes_on_disk/gguf"] = gguf_file.stat().st_size
     return metrics
+
+
+def skip_reason(cfg: QuantizeConfig | None) -> str | None:
+    """`llmctl run` quantizes only for a project whose llmctl.yaml has a `quantize:` section with keys
+    (scoring a big model twice is not free); `llmctl quantize` runs with the defaults anywhere."""
+    if cfg is None or not cfg.model_fields_set:
+        return "no quantize: section in llmctl.yaml"
+    return None
 
 
 def _overrides(options: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +308,8 @@ def size_and_speed(source: Path, quantized: Path, tokens: int, reporter: Reporte
     at batch 1 and 8 (greedy, `tokens` new tokens after an 8-token prompt), for both folders."""
     out: dict[str, float] = {}
     for which, folder in (("source", source), ("quantized", quantized)):
-        out[f"bytes_on_disk/{which}"] = float(sum(f.stat().st_size for f in folder.glob("*.safetensors")))
+        files = list(folder.glob("*.gguf")) or list(folder.glob("*.safetensors"))  # gguf: the file itself
+        out[f"bytes_on_disk/{which}"] = float(sum(f.stat().st_size for f in files))
         if tokens == 0:
             continue
         from llmctl.model.engine import Engine, SamplingParams
