@@ -58,10 +58,11 @@ def _cuda_available() -> bool:
 def _with_budget(args: list[str]) -> list[str]:
     """Training commands with a small training budget; a line's own max_steps stays distinct, capped."""
     stages = {
-        "run": ("pretrain", "sft", "dpo"),
+        "run": ("pretrain", "sft", "dpo", "grpo"),
         "pretrain": ("pretrain",),
         "sft": ("sft",),
         "dpo": ("dpo",),
+        "grpo": ("grpo",),
     }.get(args[0], ())
     if not stages or "--gpus" in args or "--inspect" in args:
         return args
