@@ -3,7 +3,8 @@
     export_gguf(Path("model"), Path("model-q8_0.gguf"), "q8_0")
     available_qtypes()   # ("f16", "q8_0", "q4_0", "q4_1") with gguf 0.19; K-quants when it has them
 
-What is written follows llama.cpp's convert_hf_to_gguf.py, so its runtime reads the file unchanged:
+What is written follows llama.cpp's convert_hf_to_gguf.py and llama-quantize, so its runtime reads
+the file unchanged:
 - architecture `llama` (`qwen2` with q/k/v biases, `qwen3` with QK-norm: the names `ModelConfig`
   exports to HF), its shape metadata under that prefix, and `general.file_type`;
 - tensors under llama.cpp's names; for `llama` the q/k rows are permuted into llama.cpp's
@@ -16,8 +17,9 @@ What is written follows llama.cpp's convert_hf_to_gguf.py, so its runtime reads 
   merges, the pre-tokenizer's llama.cpp name, BOS/EOS/PAD ids, whether prompts start with BOS, and
   the default chat template.
 
-Quantization is the `gguf` package's own (gguf.quants.quantize, the reference numpy port of ggml's),
-so a file written here dequantizes bit-for-bit as llama.cpp's converter would have written it.
+Quantization is the `gguf` package's own (gguf.quants.quantize, the reference numpy port of ggml's):
+SmolLM2-135M's published Q4_1 file, imported and exported again as q4_1, comes back byte for byte in
+every tensor (tests/test_gguf_export.py).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ _QTYPES = {
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"),  # q4_0 plus a per-block minimum (llama.cpp's own Q4_1 files)
-    "q4_k": ("Q4_K", "MOSTLY_Q4_K_M"),
+    "q4_k": ("Q4_K", "MOSTLY_Q4_K_S"),  # every weight Q4_K, no Q6_K mix: the _S file type
     "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
 }
 
@@ -97,7 +99,7 @@ def export_gguf(model_folder: Path, out_file: Path, qtype: str) -> Path:
         raise InputError(
             f"GGUF type {qtype!r} needs a quantizer the installed gguf package ({_gguf_version()}) does "
             f"not have; available: {', '.join(available_qtypes())}",
-            hint="use q8_0 or q4_0, or llama.cpp's llama-quantize on an f16 export",
+            hint="use q8_0 (or q4_0/q4_1), or run llama.cpp's llama-quantize on an f16 export",
         )
     cfg, raw_config = read_model_config(model_folder)
     arch = cfg.hf_model_type()
