@@ -19,7 +19,7 @@ from llmctl import __version__
 from llmctl.errors import LlmctlError, UsageError
 
 # Commands on the roadmap: a user who types one is told it is not in this version, not "no such command".
-PLANNED_COMMANDS = ("quantize", "serve")
+PLANNED_COMMANDS = ("serve",)
 
 
 class EnvironmentProblem(LlmctlError):

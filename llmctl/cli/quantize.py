@@ -50,7 +50,10 @@ def quantize(
     ] = None,
     minimum: Annotated[
         list[str] | None,
-        typer.Option("--min", help="Gate: exit 1 when the quantized model's TASK[/METRIC] is below SCORE."),
+        typer.Option(
+            "--min",
+            help="Gate: exit 1 when the quantized model's TASK (or TASK/METRIC) scores below SCORE. Repeatable.",
+        ),
     ] = None,
     force: ForceOption = False,
     sets: SetOption = None,
@@ -58,8 +61,7 @@ def quantize(
 ) -> None:
     """Quantize a model's weights (int8 or int4, round-to-nearest or GPTQ) and score it against its source.
 
-    The artifact is an HF model folder in compressed-tensors' pack-quantized format (transformers and
-    vLLM load it; llmctl generate/chat/eval decode it with int8/int4 kernels), or a GGUF file.
+    The artifact is an HF model folder in compressed-tensors' pack-quantized format (transformers and vLLM load it; llmctl generate/chat/eval decode it with int8/int4 kernels), or a GGUF file.
 
     [bold]Examples[/]
       llmctl quantize --max-ppl-increase 1
