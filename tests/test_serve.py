@@ -422,6 +422,24 @@ def test_a_full_queue_gets_429_and_sigterm_drains_then_exits_0(folder):
             else:
                 assert r.json()["choices"][0]["finish_reason"] == "length"
 
+        # A client that goes away mid-stream frees its row (the only one) at once, not after 1000 tokens.
+        def metric(name: str) -> float:
+            lines = httpx.get(s.url + "/metrics").text.splitlines()
+            return float(next(line.split()[1] for line in lines if line.startswith(name + " ")))
+
+        before = metric("llmctl_generation_tokens_total")
+        with httpx.stream(
+            "POST", s.url + "/v1/completions", json={**body, "max_tokens": 1000, "stream": True}
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break
+        deadline = time.time() + 60
+        while metric("llmctl_running_rows") != 0:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        assert metric("llmctl_generation_tokens_total") - before < 300  # greedy runs 1000 without a stop
+
         # SIGTERM while a long request streams: it still gets every token, then the server exits 0
         got, finish = [], []
         with httpx.stream(

@@ -231,7 +231,6 @@ class Generation:
                         first = False
                     elif index in last_at:
                         metrics.itl.observe(now - last_at[index])
-                    metrics.generation_tokens += ev.token is not None
                 last_at[index] = now
                 if ev.finish_reason:
                     self.left -= 1
@@ -304,7 +303,7 @@ class Api:
 
     async def metrics(self, request: Request) -> Response:
         s = self.state.scheduler
-        text = self.state.metrics.render(s.queue_length, s.stats.running_rows)
+        text = self.state.metrics.render(s.queue_length, s.stats.running_rows, s.stats.generated_tokens)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request) -> Response:

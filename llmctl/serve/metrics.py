@@ -40,7 +40,6 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
         self.prompt_tokens = 0
-        self.generation_tokens = 0
         self.ttft = Histogram()
         self.itl = Histogram()
 
@@ -48,7 +47,7 @@ class Metrics:
         with self.lock:
             self.requests[(endpoint, status)] += 1
 
-    def render(self, queue_length: int, running_rows: int) -> str:
+    def render(self, queue_length: int, running_rows: int, generated_tokens: int) -> str:
         with self.lock:
             lines = [
                 "# HELP llmctl_requests_total Requests answered, by endpoint and HTTP status.",
@@ -60,9 +59,10 @@ class Metrics:
                 "# HELP llmctl_prompt_tokens_total Prompt tokens prefilled.",
                 "# TYPE llmctl_prompt_tokens_total counter",
                 f"llmctl_prompt_tokens_total {self.prompt_tokens}",
-                "# HELP llmctl_generation_tokens_total Tokens generated.",
+                "# HELP llmctl_generation_tokens_total Tokens generated (by the scheduler: an abandoned "
+                "request's too).",
                 "# TYPE llmctl_generation_tokens_total counter",
-                f"llmctl_generation_tokens_total {self.generation_tokens}",
+                f"llmctl_generation_tokens_total {generated_tokens}",
                 "# HELP llmctl_time_to_first_token_seconds From a request's arrival to its first token.",
                 "# TYPE llmctl_time_to_first_token_seconds histogram",
                 *self.ttft.lines("llmctl_time_to_first_token_seconds"),
