@@ -139,3 +139,14 @@ def test_bad_input_is_one_line_and_exit_2(project):
     assert "calibration set too small" in too_few.stderr and "needs 6,400,000" in too_few.stderr
     for result in (again, narrow, too_few):
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_gguf_format_writes_the_file_and_scores_its_dequantized_weights(project):
+    ran = run_cli("--json", "quantize", "--model", "import:v0001", "--type", "q8_0", cwd=project)
+    assert ran.code == 0, ran.stderr
+    metrics = ran.json()["metrics"]
+    assert metrics["method"] == "gguf q8_0"
+    gguf = Path(ran.json()["path"]) / "model-q8_0.gguf"
+    assert gguf.is_file() and metrics["bytes_on_disk/quantized"] == gguf.stat().st_size
+    assert abs(metrics["ppl_increase_pct"]) < 1.0
