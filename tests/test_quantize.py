@@ -71,7 +71,7 @@ def test_packing_is_compressed_tensors_own(bits):
 def test_a_quantized_folder_loads_back_exactly(tmp_path, scheme):
     model = small_model()
     quantize_model(model, scheme, lm_head=scheme.bits == 4)
-    config = quantization_config(scheme, [] if scheme.bits == 4 else ["lm_head"], scheme.bits == 4)
+    config = quantization_config(scheme, [] if scheme.bits == 4 else ["lm_head"])
     save_model_folder(model, tmp_path, quantization_config=config, eos_token_id=0)
     loaded, cfg = load_model_folder(tmp_path)
     assert cfg.tie_embeddings is (scheme.bits == 8)  # a quantized lm_head is untied from the embeddings
@@ -91,7 +91,7 @@ def test_transformers_loads_our_folder_with_the_same_logits(tmp_path, scheme):
 
     model = small_model()
     quantize_model(model, scheme)
-    save_model_folder(model, tmp_path, quantization_config=quantization_config(scheme, ["lm_head"], False))
+    save_model_folder(model, tmp_path, quantization_config=quantization_config(scheme, ["lm_head"]))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     idx = torch.randint(0, 256, (2, 24))
     with torch.no_grad():

@@ -18,7 +18,7 @@ dequantized fp32 weight, so scores are exactly those of the dequantized model.
 
     scheme = QuantScheme(bits=4, group_size=128)
     qw = quantize_rtn(linear.weight, scheme)          # or gptq(linear.weight, hessian, scheme)
-    layer = QuantizedLinear.from_weight(qw, linear.bias)
+    layer = QuantizedLinear(qw, linear.bias)
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNEL_MAX_ROWS = 16  # rows up to which the packed kernels beat a dequantized fp32 GEMM
+# Products of up to this many rows (decode batches) run the packed kernels; more rows (prefill,
+# scoring) multiply the dequantized fp32 weight, so scores are those of the dequantized model exactly.
+KERNEL_MAX_ROWS = 16
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel takes
 INT4_KERNEL_N_MULTIPLE = 16  # its output width must be a multiple of 16 (padded with zero rows)
 
@@ -291,10 +293,6 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._kernel: KernelWeight | None = None
 
-    @classmethod
-    def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear:
-        return cls(qw, bias)
-
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.codes, self.scale, self.zero, self.scheme)
 
@@ -376,12 +374,10 @@ def scheme_from_config(args: dict, source: str) -> QuantScheme:
     )
 
 
-def quantization_config(
-    scheme: QuantScheme, ignore: list[str], lm_head: bool, *, version: str = "0.20.1"
-) -> dict:
+def quantization_config(scheme: QuantScheme, ignore: list[str], *, version: str = "0.20.1") -> dict:
     """config.json's `quantization_config`: compressed-tensors, pack-quantized, weights only
-    (W8A16 / W4A16 in llm-compressor's terms). Targets every Linear except those in `ignore`."""
-    del lm_head  # lm_head is a Linear: kept out through `ignore`, quantized by leaving it in
+    (W8A16 / W4A16 in llm-compressor's terms). Targets every Linear except those in `ignore` (["lm_head"]
+    keeps the output projection; the embeddings are no Linear)."""
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -464,10 +460,6 @@ def check_width(model: nn.Module, names: list[str], scheme: QuantScheme) -> str 
         if error is not None:
             return f"{error} of {name}"
     return None
-
-
-def mean_relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    return float((reference - approx).norm() / reference.norm().clamp_min(math.ulp(1.0)))
 
 
 # ---- a whole model ---------------------------------------------------------------------------------

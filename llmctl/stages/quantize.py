@@ -100,7 +100,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         save_model_folder(
             model,
             out,
-            quantization_config=Q.quantization_config(scheme, ignore, cfg.lm_head),
+            quantization_config=Q.quantization_config(scheme, ignore),
             **_special_ids(raw),
             generation_config=_generation_config(source.path),
         )
