@@ -107,14 +107,19 @@ def source_and_ids(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return model(ids), ids
 
 
-def output_type(qtype: str) -> str:
-    """The output projection's type for these 128-wide models (not whole 256-blocks: never q6_k)."""
-    return qtype.upper() if qtype in ("f16", "q8_0") else "Q8_0"
+def expected_type(qtype: str, row: int, *, output: bool = False) -> str:
+    """The type a 2-D weight with rows of `row` values should get: the chosen type, f16 where rows are
+    not whole blocks; below 8 bits the output projection q6_k (rows of whole 256-blocks, when the gguf
+    package can write it) or q8_0, as llama-quantize does."""
+    name = qtype.upper()
+    if output and qtype not in ("f16", "q8_0"):
+        name = "Q6_K" if row % 256 == 0 and "q6_k" in available_qtypes() else "Q8_0"
+    return name if row % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0] == 0 else "F16"
 
 
 def rounded_source(folder: Path, qtype: str) -> Transformer:
-    """The source model with every 2-D weight quantized and dequantized as the export does (f16
-    where a row is not whole blocks), no permutation: what the import must reproduce."""
+    """The source model with every 2-D weight quantized and dequantized as the export should, no
+    permutation: what the import must reproduce."""
     from gguf.quants import dequantize, quantize
 
     from llmctl.model.checkpoint import model_from_state_dict
@@ -122,12 +127,13 @@ def rounded_source(folder: Path, qtype: str) -> Transformer:
     model, cfg = load_model_folder(folder)
     state = {}
     for name, w in model.state_dict().items():
-        is_output = name == "lm_head.weight" or (cfg.tie_embeddings and name == "model.embed_tokens.weight")
-        qt = gguf.GGMLQuantizationType[output_type(qtype) if is_output else qtype.upper()]
-        if w.dim() == 2 and qtype != "f16" and w.shape[1] % gguf.GGML_QUANT_SIZES[qt][0] == 0:
-            w = torch.from_numpy(dequantize(quantize(w.numpy(), qt), qt).copy())
-        elif w.dim() == 2:
-            w = w.half().float()
+        if w.dim() == 2:
+            is_output = name == "lm_head.weight" or (
+                cfg.tie_embeddings and name == "model.embed_tokens.weight"
+            )
+            qt = gguf.GGMLQuantizationType[expected_type(qtype, w.shape[1], output=is_output)]
+            rounded = dequantize(quantize(w.numpy(), qt), qt) if qt != qt.F16 else w.half().float().numpy()
+            w = torch.from_numpy(rounded.copy())
         state[name] = w
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")
@@ -148,17 +154,19 @@ def test_import_of_our_export_round_trips(tmp_path: Path, tokenizer_folder: Path
 
     types = tensor_types(out)
     assert ("output.weight" in types) is (variant == "llama-untied")  # llama.cpp reuses token_embd
-    block_type = qtype.upper()
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
-    assert types["blk.0.attn_q.weight"] == block_type
-    # Below 8 bits the output projection gets q8_0 (llama-quantize: q6_k, or q8_0 for 128-wide rows).
-    output = output_type(qtype)
+    assert types["blk.0.attn_q.weight"] == expected_type(qtype, 128) == types["blk.0.ffn_up.weight"]
+    # Rows of 200 are not a whole number of blocks (32 or 256 wide): f16, as convert_hf_to_gguf does.
+    assert types["blk.0.ffn_down.weight"] == "F16"
+    # Below 8 bits the output projection gets more bits (llama-quantize's rule).
+    assert types["output.weight" if variant == "llama-untied" else "token_embd.weight"] == expected_type(
+        qtype, 128, output=True
+    )
     if variant == "llama-untied":
-        assert types["token_embd.weight"] == block_type and types["output.weight"] == output
-    else:
-        assert types["token_embd.weight"] == output
-    # Rows of 200 are not a whole number of 32 (or 256) wide blocks: f16, as convert_hf_to_gguf does.
-    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == block_type
+        assert types["token_embd.weight"] == expected_type(qtype, 128)
+    if qtype in ("q4_0", "q4_1"):  # spelled out for the types this gguf package writes
+        assert (types["blk.0.attn_q.weight"], types["blk.0.ffn_down.weight"]) == (qtype.upper(), "F16")
+        assert types["token_embd.weight"] == (qtype.upper() if variant == "llama-untied" else "Q8_0")
     if variant == "qwen2":
         assert types["blk.1.attn_k.bias"] == "F32"
     if variant == "qwen3":
@@ -174,7 +182,7 @@ def test_import_of_our_export_round_trips(tmp_path: Path, tokenizer_folder: Path
     assert mean <= LOGIT_TOLERANCE[qtype][0] and worst <= LOGIT_TOLERANCE[qtype][1], (
         f"{variant} {qtype}: |logit diff| mean {mean:.4f}, max {worst:.4f}"
     )
-    if qtype != "f16":  # the file really is quantized: further from the source than f16 is
+    if expected_type(qtype, 128) != "F16":  # the file really is quantized: further off than f16
         assert mean > 5e-3, f"{variant} {qtype}: mean |logit diff| {mean} is f16-small"
     # Sharper: exactly the source with each weight rounded as that type rounds it.
     with torch.no_grad():
