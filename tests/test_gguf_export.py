@@ -269,7 +269,9 @@ def test_unknown_or_unavailable_type_is_a_clear_error(tmp_path: Path, tokenizer_
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_unsupported_tokenizer_and_rope_scaling_are_input_errors(tmp_path: Path, tokenizer_folder: Path):
+def test_unsupported_tokenizer_rope_scaling_or_quantized_input_are_input_errors(
+    tmp_path: Path, tokenizer_folder: Path
+):
     src = model_folder(tmp_path / "src", tokenizer_folder)
     tok = json.loads((src / "tokenizer.json").read_text())
     tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\w+|\s+"
@@ -278,6 +280,12 @@ def test_unsupported_tokenizer_and_rope_scaling_are_input_errors(tmp_path: Path,
         export_gguf(src, tmp_path / "model.gguf", "f16")
 
     config = json.loads((src / "config.json").read_text())
+    quantized = {**config, "quantization_config": {"quant_method": "compressed-tensors"}}
+    (src / "config.json").write_text(json.dumps(quantized))
+    with pytest.raises(InputError, match="already quantized") as err:
+        export_gguf(src, tmp_path / "model.gguf", "f16")
+    assert "unquantized" in err.value.hint
+
     config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="linear rope scaling is not supported"):

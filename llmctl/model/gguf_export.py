@@ -102,6 +102,12 @@ def export_gguf(model_folder: Path, out_file: Path, qtype: str) -> Path:
             hint="use q8_0 (or q4_0/q4_1), or run llama.cpp's llama-quantize on an f16 export",
         )
     cfg, raw_config = read_model_config(model_folder)
+    if raw_config.get("quantization_config"):
+        raise InputError(
+            f"{model_folder}: the model is already quantized "
+            f"({raw_config['quantization_config'].get('quant_method', 'quantization_config')})",
+            hint="export the unquantized model it was made from (its artifact is the quantize run's input)",
+        )
     arch = cfg.hf_model_type()
     if cfg.rope_scaling is not None:
         raise InputError(
@@ -176,7 +182,7 @@ def _gguf_name(hf_name: str) -> str:
             return f"blk.{parts[2]}.{_HF_TO_GGUF[pattern]}"
     elif hf_name in _HF_TO_GGUF:
         return _HF_TO_GGUF[hf_name]
-    raise AssertionError(f"no GGUF name for tensor {hf_name}")  # the folder loaded, so a bug here
+    raise InputError(f"tensor {hf_name} has no GGUF name (not a plain Llama-family weight)")
 
 
 def _encode_tensor(
