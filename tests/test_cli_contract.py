@@ -104,7 +104,7 @@ def _one_error_and_hint(result, code: int = 2) -> tuple[str, str]:
         (["rnu"], "unknown command 'rnu' for `llmctl`", "did you mean `llmctl run`?"),
         (["frobnicate"], "unknown command 'frobnicate'", "commands: init, run, dedup"),
         (["artifacts", "lsit"], "unknown command 'lsit' for `llmctl artifacts`", "`llmctl artifacts ls`"),
-        (["serve"], "`llmctl serve` is not available yet", "available now: init, run"),
+        (["sevre"], "unknown command 'sevre' for `llmctl`", "did you mean `llmctl serve`?"),
         (["pretrain", "--gpu", "2"], "unknown option --gpu for `llmctl pretrain`", "did you mean --gpus?"),
         (["pretrain", "--bogus"], "unknown option --bogus for `llmctl pretrain`", "`llmctl pretrain --help`"),
         (["artifacts", "show"], "missing argument REF for `llmctl artifacts show`", "llmctl artifacts show "),

@@ -21,6 +21,7 @@ ALLOWED = {
     "evals": {"evals", "model", "data", "config"},
     "rl": {"rl", "model", "data", "train", "config"},
     "stages": {"stages", "workspace", "model", "data", "train", "evals", "rl", "config"},
+    "serve": {"serve", "model"},  # the server runs models through the engine, nothing else
     "cli": None,  # the top: may import anything
 }
 

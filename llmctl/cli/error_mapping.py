@@ -15,11 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmctl import __version__
 from llmctl.errors import LlmctlError, UsageError
-
-# Commands on the roadmap: a user who types one is told it is not in this version, not "no such command".
-PLANNED_COMMANDS = ("serve",)
 
 
 class EnvironmentProblem(LlmctlError):
@@ -71,11 +67,6 @@ def _help_hint(ctx: Any, param: Any = None) -> str:
 def _unknown_command(name: str, ctx: Any) -> UsageError:
     where = _command_path(ctx)
     commands = _subcommands(ctx)
-    if where == "llmctl" and name in PLANNED_COMMANDS:
-        return UsageError(
-            f"`llmctl {name}` is not available yet in this version (llmctl {__version__})",
-            hint=f"planned: {', '.join(PLANNED_COMMANDS)}; available now: {', '.join(commands)}",
-        )
     close = difflib.get_close_matches(name, commands, n=1)
     hint = f"did you mean `{where} {close[0]}`?" if close else f"commands: {', '.join(commands)}"
     return UsageError(f"unknown command {name!r} for `{where}`", hint=hint)
