@@ -232,6 +232,7 @@ def test_tokenizer_and_chat_template_survive_the_round_trip(tmp_path: Path, toke
         assert after.tokenizer.encode(text).ids == before.tokenizer.encode(text).ids
     assert after.encode_chat(CHAT) == before.encode_chat(CHAT)
     assert (after.bos_id, after.eos_id) == (before.bos_id, before.eos_id)
+    assert after.add_bos and before.add_bos  # prompts still start with BOS after the round trip
 
 
 def test_cli_import_of_an_export_in_a_new_project(tmp_path: Path, tokenizer_folder: Path):

@@ -15,6 +15,7 @@ Three sources, one entry point:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -346,7 +347,7 @@ def _import_gguf(path: Path, out_dir: Path, reporter: Reporter, *, dtype: torch.
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     pad = _field(reader, "tokenizer.ggml.padding_token_id")
     files = save_model_folder(model, out_dir, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    tok_files = _gguf_tokenizer(path, out_dir)
+    tok_files = _gguf_tokenizer(path, out_dir, add_bos=_field(reader, "tokenizer.ggml.add_bos_token"))
     return ImportResult(
         kind="gguf",
         source=str(path),
@@ -358,8 +359,9 @@ def _import_gguf(path: Path, out_dir: Path, reporter: Reporter, *, dtype: torch.
     )
 
 
-def _gguf_tokenizer(path: Path, out_dir: Path) -> list[str]:
-    """Rebuild the tokenizer from GGUF metadata with transformers and save it beside the weights."""
+def _gguf_tokenizer(path: Path, out_dir: Path, *, add_bos: bool | None = None) -> list[str]:
+    """Rebuild the tokenizer from GGUF metadata with transformers and save it beside the weights,
+    with the file's `add_bos_token` (transformers 5 does not save it: prompts would lose their BOS)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -372,6 +374,11 @@ def _gguf_tokenizer(path: Path, out_dir: Path) -> list[str]:
     except Exception as e:  # transformers raises many types for unsupported tokenizers
         raise InputError(f"{path}: cannot convert the GGUF tokenizer: {e}") from None
     saved = tok.save_pretrained(out_dir)
+    config_file = Path(out_dir) / "tokenizer_config.json"
+    if add_bos is not None and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["add_bos_token"] = bool(add_bos)
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return sorted({Path(p).name for p in saved if Path(p).exists()})
 
 
