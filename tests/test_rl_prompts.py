@@ -218,7 +218,9 @@ def test_synthetic_rl_prompts_are_true_held_out_and_avoid_chat_eval(tmp_path: Pa
     assert facts == {(r["subject"], r["relation"]) for r in train} and len(facts) == made.facts
     assert {s for s, _ in facts} | chat_held == {s for s, _ in world.facts}  # every entity used
     asked = {(r["relation"], r["prompt"][-1]["content"].replace(r["subject"], "{s}")) for r in held}
-    assert asked == {(rel, q) for rel, qs in QUESTIONS.items() for q in qs}  # each phrasing held out somewhere
+    assert asked == {
+        (rel, q) for rel, qs in QUESTIONS.items() for q in qs
+    }  # each phrasing held out somewhere
     assert not any(len(r["prompt"]) > 1 for r in held)  # plain questions, as chat_eval asks them
     assert 0.25 < sum(len(r["prompt"]) > 1 for r in train) / len(train) < 0.45
     assert len({r["id"] for r in train + held}) == len(train) + len(held)
