@@ -15,7 +15,7 @@ from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
 from llmctl.errors import UsageError
 
 
-def _parse_minimums(items: list[str] | None) -> dict[str, float]:
+def parse_minimums(items: list[str] | None) -> dict[str, float]:
     minimums = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -187,7 +187,7 @@ def eval_(
     if tasks and tasks[0] == "compare":
         _compare(ctx, tasks[1:], json_)
         return
-    minimums = _parse_minimums(minimum)
+    minimums = parse_minimums(minimum)
     if threads is not None:
         from llmctl.threads import set_thread_budget
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from llmctl.cli.completion import complete_refs
 from llmctl.cli.output import Output
 from llmctl.errors import UsageError
 
@@ -27,6 +28,14 @@ ForceOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def model_option(help: str) -> Any:
+    """`--model/-m REF`, completing model artifact ids, with a command's own help."""
+    return Annotated[
+        str | None,
+        typer.Option("--model", "-m", help=help, autocompletion=complete_refs(("model",))),
+    ]
 
 
 @dataclass

@@ -9,22 +9,16 @@ from rich.table import Table
 from rich.text import Text
 
 from llmctl.cli.completion import complete_refs
-from llmctl.cli.evals import _parse_minimums
-from llmctl.cli.options import ForceOption, JsonOption, SetOption, state_of
+from llmctl.cli.evals import parse_minimums
+from llmctl.cli.options import ForceOption, JsonOption, SetOption, model_option, state_of
 from llmctl.cli.pipeline import outcome_row
 
 
 def quantize(
     ctx: typer.Context,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Model artifact to quantize (default: quantize.model, else the newest model made before it).",
-            autocompletion=complete_refs(("model",)),
-        ),
-    ] = None,
+    model: model_option(
+        "Model artifact to quantize (default: quantize.model, else the newest model made before it)."
+    ) = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -77,7 +71,7 @@ def quantize(
         raise UsageError(f"--format {format_!r}: expected compressed-tensors or gguf")
     if type_ is not None:
         format_ = format_ or "gguf"
-    minimums = _parse_minimums(minimum)
+    minimums = parse_minimums(minimum)
     state = state_of(ctx)
     out = state.output(json_)
     config, folder = state.load_project(sets)

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from llmctl.cli.completion import complete_refs
-from llmctl.cli.options import ForceOption, JsonOption, ResumeOption, SetOption, state_of
+from llmctl.cli.options import ForceOption, JsonOption, ResumeOption, SetOption, model_option, state_of
 from llmctl.cli.stages import (
     GpusOption,
     MasterAddrOption,
@@ -22,15 +21,9 @@ from llmctl.cli.stages import (
 
 def sft(
     ctx: typer.Context,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Model artifact to fine-tune (default: sft.model, else the newest model made before sft).",
-            autocompletion=complete_refs(("model",)),
-        ),
-    ] = None,
+    model: model_option(
+        "Model artifact to fine-tune (default: sft.model, else the newest model made before sft)."
+    ) = None,
     inspect: Annotated[
         int | None,
         typer.Option(
