@@ -22,6 +22,7 @@ ALLOWED = {
     "rl": {"rl", "model", "data", "train", "config"},
     "stages": {"stages", "workspace", "model", "data", "train", "evals", "rl", "config"},
     "serve": {"serve", "model"},  # the server runs models through the engine, nothing else
+    "report": {"report", "workspace"},  # model cards read manifests, never weights
     "cli": None,  # the top: may import anything
 }
 
