@@ -18,7 +18,18 @@ from typing import Annotated, Any
 import typer
 
 from llmctl import __version__
-from llmctl.cli import artifacts, evals, models, pipeline, project, report, serve, stage_commands, stages
+from llmctl.cli import (
+    artifacts,
+    evals,
+    models,
+    pipeline,
+    plan,
+    project,
+    report,
+    serve,
+    stage_commands,
+    stages,
+)
 from llmctl.cli.completion import COMPLETE_VAR, SHELLS, completion_script, prepare_completion
 from llmctl.cli.error_mapping import context_from_argv, environment_error, usage_error
 from llmctl.cli.options import CliState
@@ -108,6 +119,7 @@ stages.register(app)
 models.register(app)
 evals.register(app)
 serve.register(app)
+plan.register(app)
 report.register(app)
 stage_commands.register(app)  # every other registered stage (see llmctl/stages/registry.py)
 
