@@ -220,7 +220,12 @@ def test_card_from_the_cli_has_the_manifests_numbers(project):
     assert env["llmctl (made it)"] == manifest(project, "grpo:v0001")["llmctl_version"] and env["python"]
 
 
+def _tree(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
 def test_out_folder_and_a_quantized_model_leave_the_artifacts_untouched(project, tmp_path):
+    before = _tree(project / "workspace/artifacts")
     ran = run_cli(
         "report", "quantize:latest", "--out", str(tmp_path / "card"), "--license", "apache-2.0", cwd=project
     )
@@ -230,6 +235,7 @@ def test_out_folder_and_a_quantized_model_leave_the_artifacts_untouched(project,
     assert meta["license"] == "apache-2.0" and "quantized" in meta["tags"]
     assert "quantize:v0001 from grpo:v0001: rtn int8 per-channel sym" in sections["Quantization"]
     assert "quantize:v0001" in table(sections["Lineage"])[0]["artifact"]
+    assert _tree(project / "workspace/artifacts") == before  # nothing written into an artifact
     verified = run_cli("artifacts", "verify", "--all", "--json", cwd=project)
     assert verified.code == 0 and verified.json()["ok"], verified.stdout
 
