@@ -11,6 +11,7 @@ gradients then appear while those buffers are freed).
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -184,6 +185,7 @@ def test_plan_that_cannot_fit_names_the_largest_term(tiny_project):
         or "largest term: activations" in error[0]
     )
     assert "activation_checkpointing=true" in result.stderr  # the hint
+    assert re.search(r"--set pretrain.micro_batch_size=(\d+)", result.stderr)  # one that fits
     as_json = run_cli("plan", "--gpu-type", "RTX-4090", "--json", *big, cwd=tiny_project)
     assert as_json.code == 2
     doc = as_json.json()

@@ -128,7 +128,7 @@ def _render(plan: dict[str, Any]):
             table.add_row(
                 "tokens",
                 _count(s["tokens"]),
-                f"{s['steps'] or '?'} steps ({s['steps_source']}) x {s['tokens_per_step']:,} tokens",
+                f"{format(s['steps'], ',') if s['steps'] else '?'} steps ({s['steps_source']}) x {s['tokens_per_step']:,} tokens",
             )
             if "chinchilla" in s:
                 ch = s["chinchilla"]

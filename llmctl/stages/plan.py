@@ -262,6 +262,8 @@ def _stage_plan(
     notes: list[str],
 ) -> dict[str, Any]:
     dtype = _resolved_dtype(cfg, spec)
+    if cfg.compile:
+        notes = [*notes, "compile: inductor fuses the loss, so the logits' buffers are likely smaller"]
     strat = strategy or ("fsdp" if cfg.strategy == "fsdp" else "ddp")
     common = dict(
         micro_batch_size=micro_rows,
@@ -276,6 +278,17 @@ def _stage_plan(
     mem = P.memory_per_device(mc, activation_checkpointing=cfg.activation_checkpointing, **common)
     other = P.memory_per_device(mc, activation_checkpointing=not cfg.activation_checkpointing, **common)
     budget = int(spec.memory_bytes * P.MEMORY_BUDGET)
+    # The largest micro-batch (halving the configured one) that fits with the configured checkpointing.
+    fitting: int | None = cfg.micro_batch_size if mem.total <= budget else None
+    size = cfg.micro_batch_size
+    while fitting is None and size > 1:
+        size //= 2
+        smaller = dict(common, micro_batch_size=size * micro_rows // cfg.micro_batch_size)
+        if (
+            P.memory_per_device(mc, activation_checkpointing=cfg.activation_checkpointing, **smaller).total
+            <= budget
+        ):
+            fitting = size
     tokens = steps * tokens_per_step if steps else None
     flops = (
         P.training_flops(mc, seq_len=seq_len, tokens=tokens, forward_only_copies=forward_only)
@@ -311,6 +324,7 @@ def _stage_plan(
             "fits": mem.total <= budget,
             "largest_term": largest,
             "largest_term_bytes": largest_bytes,
+            "micro_batch_size_that_fits": fitting,
         },
         "notes": notes,
     }
@@ -340,8 +354,8 @@ def fit_error(plan: dict[str, Any]) -> ConfigError | None:
             fixes.append(
                 f"--set {s['stage']}.activation_checkpointing=true ({gib(m['total_bytes_checkpointing_on'])})"
             )
-        if s["micro_batch_rows"] > 1:
-            fixes.append(f"a smaller {s['stage']}.micro_batch_size")
+        if m["micro_batch_size_that_fits"] is not None:
+            fixes.append(f"--set {s['stage']}.micro_batch_size={m['micro_batch_size_that_fits']}")
         if s["strategy"] == "ddp" and plan["world_size"] > 1:
             fixes.append("--strategy fsdp")
         elif plan["world_size"] == 1 and dev["kind"] == "cuda":
