@@ -61,7 +61,19 @@ def _render_results(results: dict[str, Any], failures: list[str]):
                         f"{diff['delta']:+.4f} ± {_number(diff['stderr'])}" if diff else "",
                     ]
                 table.add_row(*cells, str(entry.get("n", "")), str(entry.get("shots", "")))
+                clean = entry.get("decontamination")
+                if clean is not None and metric in clean["metrics"]:
+                    cells = [Text(task), f"{metric} (clean)", _number(clean["metrics"][metric])]
+                    cells.append(_number(clean["stderr"].get(metric)))
+                    cells += [""] * (len(columns) - len(cells))
+                    table.add_row(*cells, str(clean["clean_n"]), str(entry.get("shots", "")))
         console.print(table)
+        for task, entry in results["tasks"].items():
+            if (d := entry.get("decontamination")) is not None:
+                console.print(
+                    f"{task}: {d['contaminated']} of {entry['n']} items found in the training documents "
+                    f"({d['unchecked']} too short to check); clean subset: {d['clean_n']} items"
+                )
         for line in failures:
             console.print(Text.assemble(("gate failed: ", "red"), line))
 
@@ -164,6 +176,14 @@ def eval_(
             "(default: eval.base, on).",
         ),
     ] = None,
+    decontaminate: Annotated[
+        bool | None,
+        typer.Option(
+            "--decontaminate/--no-decontaminate",
+            help="Check items against the model's training documents (13-gram overlap, through lineage); "
+            "report items found and scores on the clean rest (default: eval.decontaminate, off).",
+        ),
+    ] = None,
     threads: Threads = None,
     force: ForceOption = False,
     sets: SetOption = None,
@@ -179,6 +199,7 @@ def eval_(
       llmctl eval hellaswag arc_easy --ckpt import:latest --limit 300
       llmctl eval --min world_mc=0.4          # a CI gate: exit 1 below the score
       llmctl eval world_chat --ckpt sft:latest # chat answers, beside the base model's
+      llmctl eval arc_easy --decontaminate     # + items found in the training data, clean-subset scores
       llmctl eval compare eval:v1 eval:v2
     """
     from llmctl.cli.models import plain_model_folder
@@ -204,6 +225,7 @@ def eval_(
             "data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,
             "seed": seed,
             "base": base,
+            "decontaminate": decontaminate,
         }.items()
         if value is not None
     }
@@ -215,6 +237,10 @@ def eval_(
         from llmctl.config.eval import EvalConfig
         from llmctl.stages.eval import evaluate_folder
 
+        if decontaminate:
+            out.reporter().log(
+                f"decontamination: {plain} is not an artifact, so it has no lineage; not checked"
+            )
         results = evaluate_folder(plain, EvalConfig(), options, reporter=out.reporter())
         artifact_id = None
     else:

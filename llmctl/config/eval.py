@@ -100,6 +100,12 @@ class EvalConfig(Section):
     world_items: int = Field(
         default=150, ge=1, description="Number of world_mc items (the default world has 186 facts)."
     )
+    decontaminate: bool = Field(
+        default=False,
+        description="Check every item against the model's training documents (found through lineage: "
+        "its pretraining corpus artifact and post-training data files) by 13-gram overlap, and report "
+        "per task the items found and the scores on the clean rest. `--decontaminate` for one run.",
+    )
     model: str | None = Field(
         default=None,
         description="Model to evaluate (e.g. 'import:latest'); null = the newest model in pipeline order "

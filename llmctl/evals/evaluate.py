@@ -11,6 +11,12 @@ Chat tasks (world_chat, custom `type: chat`; llmctl/evals/chat.py) also score `b
 evaluated one was fine-tuned from, asked with the same prompts: `base_<metric>` beside each metric, and
 `vs_base`, the paired difference per metric with its standard error.
 
+With a `Decontaminator` (llmctl/evals/decontaminate.py: the item is in the model's training documents,
+by 13-gram overlap), each task also gets `decontamination`: `contaminated` and `clean_n` (items found
+and not found; `unchecked`, too short to check, count as clean) and every per-item metric on the clean
+subset with its standard error; flat_metrics adds `task/contaminated`, `task/clean_n` and
+`task/clean/<metric>`.
+
 Standard errors are lm-eval's: the sample standard deviation of per-item scores over sqrt(n), which
 for accuracies is sqrt(p(1-p)/(n-1)); groups (MMLU categories and the MMLU total) pool their items
 (lm-eval weights subjects by size, i.e. the same micro average).
@@ -32,6 +38,7 @@ from llmctl.errors import InputError
 from llmctl.evals import data as evdata
 from llmctl.evals import tasks as T
 from llmctl.evals.chat import ChatPrompts, run_chat
+from llmctl.evals.decontaminate import MIN_WORDS, NGRAM, Decontaminator
 from llmctl.evals.lm import DEFAULT_BATCH_TOKENS, EvalLM, LogLik, set_threads
 from llmctl.reporting import Reporter
 
@@ -54,6 +61,19 @@ def stderr_of(values: Sequence[float]) -> float | None:
     if n < 2:
         return None
     return float(np.std(values, ddof=1) / math.sqrt(n))
+
+
+def clean_summary(per: dict[str, list[float]], flags: Sequence[bool | None]) -> dict[str, Any]:
+    """A task's decontamination entry: counts, and each per-item metric on the clean subset (items not
+    found in the training documents, those too short to check included) with its standard error."""
+    clean = [i for i, f in enumerate(flags) if not f]
+    return {
+        "contaminated": sum(1 for f in flags if f),
+        "clean_n": len(clean),
+        "unchecked": sum(1 for f in flags if f is None),
+        "metrics": {m: float(np.mean([v[i] for i in clean])) if clean else None for m, v in per.items()},
+        "stderr": {m: stderr_of([v[i] for i in clean]) for m, v in per.items()},
+    }
 
 
 def _summary(per_item: dict[str, list[float]]) -> dict[str, Any]:
@@ -304,11 +324,13 @@ def evaluate(
     out_dir: Path | None = None,
     threads: int | None = None,
     reporter: Reporter | None = None,
+    decontaminator: Decontaminator | None = None,
 ) -> dict[str, Any]:
     """Score `model` (a model folder or an EvalLM) on `tasks`; write results.json and samples/ to
     out_dir when given (the first `samples_to_keep` items per task; None: all, lm-eval's
     --log_samples). `perplexity_data` is a tokens artifact folder or a text file. `base` (a model
-    folder or EvalLM, named `base_name` in the results) is scored beside `model` on chat tasks."""
+    folder or EvalLM, named `base_name` in the results) is scored beside `model` on chat tasks.
+    `decontaminator` checks every item against the model's training documents (see above)."""
     reporter = reporter or Reporter()
     shots = dict(shots or {})
     custom_map = {c["name"]: dict(c) for c in custom}
@@ -343,6 +365,13 @@ def evaluate(
         },
         "tasks": {},
     }
+    if decontaminator is not None:
+        results["decontamination"] = {
+            "corpora": [c.name for c in decontaminator.corpora],
+            "ngram": NGRAM,
+            "min_words": MIN_WORDS,
+            "indexes": decontaminator.indexes,  # filled as tasks need them
+        }
     samples: dict[str, list[dict[str, Any]]] = {}
     base_lm: EvalLM | None = None
     prompts: ChatPrompts | None = None
@@ -486,6 +515,16 @@ def evaluate(
             entry["metrics"]["perplexity"] = math.exp(-float(np.mean([ll.logprob for ll in lls])))
         if vs_base is not None:
             entry["vs_base"] = vs_base
+        if decontaminator is not None:
+            flags = decontaminator.check(items)
+            entry["decontamination"] = clean_summary(per, flags)
+            for row, flag in zip(task_samples, flags, strict=False):
+                row["contaminated"] = flag
+            d = entry["decontamination"]
+            reporter.log(
+                f"{task}: {d['contaminated']} of {len(items)} items in the training documents "
+                f"({d['unchecked']} too short to check)"
+            )
         groups = _groups(items, per, task)
         if groups:
             entry["groups"] = groups
@@ -560,11 +599,17 @@ def write_results(results: dict[str, Any], samples: dict[str, list[dict[str, Any
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     """{"task/metric": value} plus {"task/group/metric": value} for MMLU categories and other groups
-    (not the 57 MMLU subjects)."""
+    (not the 57 MMLU subjects), and with decontamination task/contaminated, task/clean_n and
+    task/clean/metric."""
     flat: dict[str, float] = {}
     for task, entry in results["tasks"].items():
         for m, v in entry["metrics"].items():
             flat[f"{task}/{m}"] = v
+        if "decontamination" in entry:
+            d = entry["decontamination"]
+            flat[f"{task}/contaminated"] = float(d["contaminated"])
+            flat[f"{task}/clean_n"] = float(d["clean_n"])
+            flat.update({f"{task}/clean/{m}": v for m, v in d["metrics"].items() if v is not None})
         for g, sub in entry.get("groups", {}).items():
             if task == "mmlu" and g in T.MMLU_SUBJECTS:
                 continue

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,6 +108,9 @@ class Item:
     system: str | None = None
     where: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The item's own words (question and reference answer), when the prompt adds a template or
+    # few-shot examples; what decontamination checks (evals/decontaminate.py `item_text`).
+    doc: str = ""
 
 
 class Row:
@@ -157,13 +160,21 @@ class Row:
         raise self.fail(f"{key!r} must be a choice index ({accepted}), got {value!r:.60}")
 
 
-def _mc(context: str, choices: list[str], gold: int, group: str | None = None, delimiter: str = " ") -> Item:
+def _mc(
+    context: str,
+    choices: list[str],
+    gold: int,
+    group: str | None = None,
+    delimiter: str = " ",
+    question: str | None = None,
+) -> Item:
     assert 0 <= gold < len(choices), (gold, len(choices))
     return Item(
         requests=tuple((context, delimiter + c) for c in choices),
         gold=gold,
         choice_lengths=tuple(len(c) for c in choices),
         group=group,
+        doc=f"{question} {choices[gold]}" if question is not None else "",
     )
 
 
@@ -246,7 +257,8 @@ def build_mmlu(rows: list[dict[str, Any]], dev_rows: list[dict[str, Any]], shots
                     f"mmlu {subject}: {shots}-shot needs {shots} dev items, found {len(examples)}"
                 )
             prefix += "\n\n".join(_mmlu_text(e) + " " + "ABCD"[e["answer"]] for e in examples) + "\n\n"
-        items.append(_mc(prefix + _mmlu_text(doc), ["A", "B", "C", "D"], doc["answer"], subject))
+        item = _mc(prefix + _mmlu_text(doc), ["A", "B", "C", "D"], doc["answer"], subject)
+        items.append(replace(item, doc=f"{doc['question']} {doc['choices'][doc['answer']]}"))
     return items
 
 
@@ -305,7 +317,7 @@ def build_arc(rows: list[dict[str, Any]], task: str = "arc") -> list[Item]:
         key = str(row.get("answerKey"))
         if len(texts) != len(labels) or key not in labels:
             raise row.fail(f"answerKey {key!r} is not one of the choice labels {labels}")
-        items.append(_mc(f"Question: {q}\nAnswer:", texts, labels.index(key)))
+        items.append(_mc(f"Question: {q}\nAnswer:", texts, labels.index(key), question=q))
     return items
 
 
@@ -315,7 +327,8 @@ def build_piqa(rows: list[dict[str, Any]]) -> list[Item]:
     for data in rows:
         row = Row(data, "piqa", schema)
         choices = [row.text("sol1"), row.text("sol2")]
-        items.append(_mc(f"Question: {row.text('goal')}\nAnswer:", choices, row.index("label", 2)))
+        goal = row.text("goal")
+        items.append(_mc(f"Question: {goal}\nAnswer:", choices, row.index("label", 2), question=goal))
     return items
 
 
@@ -386,6 +399,7 @@ def build_gsm8k(
                 answer=doc["answer"],
                 until=GSM8K_UNTIL,
                 match="gsm8k",
+                doc=f"{doc['question']} {doc['answer']}",
             )
         )
     return items

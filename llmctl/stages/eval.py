@@ -8,21 +8,34 @@ llmctl.evals.evaluate); returns the flattened scores ("task/metric") for the man
 
 Chat tasks also score the model's base model, found in the model's manifest: its `model` input (what
 sft records as its starting point). It is not an input of eval: the model artifact pins it already.
+
+With `decontaminate` (eval.decontaminate, `--decontaminate`), items are checked against the model's
+training documents, found through lineage (`training_documents`): walking the model's inputs back
+(sft/dpo/grpo -> the model they started from -> pretrain -> its tokens and init model), the first
+corpus artifact on each path (filter's output when there is one: the text the tokens were made of),
+plus the data files each post-training stage read (its manifest's config names them; files changed
+since are reported and skipped). A corpus's index is cached inside it under DERIVED_DIR; a data
+file's under the workspace's .cache/decontaminate/.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmctl.config.eval import EvalConfig
 from llmctl.errors import LlmctlError
 from llmctl.evals.data import DATA_SUFFIXES
+from llmctl.evals.decontaminate import Corpus, Decontaminator
 from llmctl.evals.evaluate import RESULTS_FILE, evaluate, flat_metrics
 from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
-from llmctl.workspace.store import Artifact, Workspace
+from llmctl.workspace.integrity import DERIVED_DIR, records_content_sha256
+from llmctl.workspace.manifest import stable_hash
+from llmctl.workspace.store import Artifact, Workspace, load_artifact
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -32,6 +45,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     base = None
     if _wants_base(ctx.config, ctx.options):
         base = base_model_of(model, ctx.workspace, ctx.reporter)
+    decontaminator = None
+    if ctx.options.get("decontaminate", ctx.config.decontaminate):
+        corpora = training_documents(model, ctx.workspace, ctx.project_dir, ctx.reporter)
+        if corpora:
+            decontaminator = Decontaminator(corpora, ctx.reporter)
+        else:
+            ctx.reporter.log(f"decontamination: {model.id}'s lineage has no training documents; not checked")
     results = evaluate_folder(
         model.path,
         ctx.config,
@@ -41,6 +61,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         out_dir=ctx.output_dir,
         reporter=ctx.reporter,
         base=base,
+        decontaminator=decontaminator,
     )
     results["model"] = ctx.input_ids.get("model", model.id)  # copy:<hash> for a copy given by path
     if tokens is not None:
@@ -98,6 +119,7 @@ def evaluate_folder(
     out_dir: Path | None = None,
     reporter: Reporter | None = None,
     base: tuple[Path, str] | None = None,
+    decontaminator: Decontaminator | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model folder with the `eval:` section overridden by command-line options; used by
     the stage and, for a plain HF folder that is no artifact, directly by the CLI. `base` (folder, id)
@@ -136,4 +158,101 @@ def evaluate_folder(
         world_items=cfg.world_items,
         out_dir=out_dir,
         reporter=reporter,
+        decontaminator=decontaminator,
     )
+
+
+# ---- decontamination: the model's training documents, through lineage ----------------------------
+
+# Post-training stages: how to read the records their config names, and the text of one record.
+_RECORD_READERS = {
+    "sft": ("llmctl.data.chat:read_conversations", lambda r: r.messages),
+    "dpo": ("llmctl.data.preference:read_pairs", lambda r: [*r.prompt, *r.chosen, *r.rejected]),
+    "grpo": ("llmctl.rl.prompts:read_prompts", lambda r: r.prompt),
+}
+
+
+def training_documents(
+    model: Artifact, workspace: Workspace, project_dir: Path, reporter: Reporter
+) -> list[Corpus]:
+    """The documents `model` was trained on (see the module docstring), deepest first; what cannot
+    be found (an input gone or changed, raw sources read without a corpus artifact) is reported."""
+    found: list[Corpus] = []
+    seen: set[str] = set()
+
+    def parent(record) -> Artifact | None:
+        try:
+            if record.path is not None:
+                return load_artifact(Path(record.path))
+            a = workspace.resolve(record.id)
+        except LlmctlError as e:
+            reporter.log(f"decontamination: {record.id}: {e}; its documents are not checked")
+            return None
+        if a.manifest_sha256() != record.manifest_sha256:
+            reporter.log(f"decontamination: {record.id} is not the artifact that was used; not checked")
+            return None
+        return a
+
+    def walk(a: Artifact) -> None:
+        if a.id in seen:
+            return
+        seen.add(a.id)
+        if not workspace.is_member(a):
+            reporter.log(f"decontamination: {a.path} is not in this workspace; its lineage is not followed")
+            return
+        if a.kind == "tokens" and not any(i.kind == "corpus" for i in a.manifest.inputs):
+            reporter.log(f"decontamination: {a.id} read raw data sources, not a corpus artifact; not checked")
+        for record in a.manifest.inputs:
+            if record.kind not in ("model", "tokens", "corpus") or (p := parent(record)) is None:
+                continue
+            if p.kind == "corpus":
+                if p.id not in seen:
+                    seen.add(p.id)
+                    found.append(_corpus_of(p))
+            else:
+                walk(p)
+        if a.stage in _RECORD_READERS:
+            records = _records_of(a, project_dir, workspace.root / ".cache" / "decontaminate", reporter)
+            if records is not None:
+                found.append(records)
+
+    walk(model)
+    return found
+
+
+def _corpus_of(a: Artifact) -> Corpus:
+    from llmctl.data.corpus import iter_corpus
+
+    return Corpus(
+        a.id,
+        a.path / DERIVED_DIR / "decontaminate",
+        records_content_sha256(a.manifest.files),
+        lambda: (d.text for d in iter_corpus(a.path)),
+    )
+
+
+def _records_of(a: Artifact, project_dir: Path, cache_dir: Path, reporter: Reporter) -> Corpus | None:
+    """The data files a post-training stage read (its section's data.sources; val_sources are held out
+    and left out), one document per record; None when there are none or they changed since."""
+    from llmctl.stages.registry import STAGES
+
+    section_model = STAGES[a.stage].config_model()
+    raw = a.manifest.config.get(a.stage)
+    if section_model is None or raw is None:
+        return None
+    section = section_model.model_validate(raw)
+    if section.data is None:
+        return None
+    fingerprint = importlib.import_module(f"llmctl.stages.{a.stage}").source_fingerprint
+    if fingerprint(section, project_dir) != a.manifest.sources:
+        reporter.log(f"decontamination: {a.id}'s training data changed since it ran; not checked")
+        return None
+    reader_spec, messages_of = _RECORD_READERS[a.stage]
+    module, _, name = reader_spec.partition(":")
+    reader = getattr(importlib.import_module(module), name)
+
+    def texts() -> Iterator[str]:
+        for record in reader(section.data.sources, project_dir, on_error="skip"):
+            yield "\n".join(m.get("content") or "" for m in messages_of(record))
+
+    return Corpus(f"{a.id} training data", cache_dir, stable_hash(a.manifest.sources), texts)

@@ -11,6 +11,11 @@ the runner has just hashed every file anyway.
     check_artifact(artifact.id, artifact.path, artifact.manifest.files, cache)  # raises InputError
 
 `LLMCTL_NO_VERIFY=1` skips the check, for people who edit artifacts on purpose.
+
+An artifact may hold derived caches under `DERIVED_DIR` (e.g. eval's decontamination index of a
+corpus), written after publishing: they are not in the manifest, so verification never looks at them,
+and content hashes skip them, so a cache never changes what an artifact is. Whoever writes one names
+it by the content it was derived from and writes it atomically (temp name, then rename).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from llmctl.errors import InputError
 from llmctl.workspace.manifest import FileRecord, file_sha256, stable_hash
 
 NO_VERIFY_ENV = "LLMCTL_NO_VERIFY"
+DERIVED_DIR = ".derived"
 
 
 def verification_disabled() -> bool:
@@ -152,7 +158,7 @@ def folder_content_sha256(folder: Path, cache: HashCache, skip: tuple[str, ...] 
     pairs = []
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = file.relative_to(folder).as_posix()
-        if rel not in skip:
+        if rel not in skip and not rel.startswith(f"{DERIVED_DIR}/"):
             pairs.append((rel, cache.sha256(file)))
     cache.save()
     return content_sha256(pairs)
