@@ -191,3 +191,25 @@ def test_plan_that_cannot_fit_names_the_largest_term(tiny_project):
     doc = as_json.json()
     assert doc["ok"] is False and doc["error"]["exit_code"] == 2
     assert "largest term: activations" in doc["error"]["message"]
+
+
+def test_vocab_and_epochs_come_from_the_newest_tokens_artifact(tmp_path):
+    from llmctl.stages.runner import workspace_for
+
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / PROJECT_FILE).write_text(render_project_file(get_template("tiny"), "plan"))
+    config = load_config(project_model(), folder / PROJECT_FILE, [], context={"base_dir": folder})
+    ws = workspace_for(config, folder)
+    run_dir = ws.begin_run("tokenize", "0" * 64)
+    (run_dir / "output").mkdir(exist_ok=True)
+    now = "2026-01-01T00:00:00Z"
+    metrics = {"vocab_size": 512, "train": {"tokens": 256_000}}
+    fields = dict(stage="tokenize", kind="tokens", started_at=now, finished_at=now, llmctl_version="0")
+    ws.publish(run_dir, dict(fields, config={}, config_hash="0" * 64, metrics=metrics))
+    pretrain = plan_project(config, folder, device="cpu")["stages"][0]
+    assert pretrain["model"]["vocab_size"] == 512
+    assert pretrain["model"]["params"] == sum(
+        p.numel() for p in Transformer(preset("tiny", vocab_size=512)).parameters()
+    )
+    assert pretrain["dataset_tokens"] == 256_000 and pretrain["epochs"] == 500 * 2048 / 256_000
