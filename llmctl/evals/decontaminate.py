@@ -26,8 +26,9 @@ named by n, the normaliser version and the caller's key (the corpus's content ha
 name then renamed; later checks memory-map it. N-grams never cross document boundaries. Hashes: xxh64
 per word, combined per n-gram by a polynomial over the word hashes (mod 2^64) and a final mix, so
 all n-grams of a document are hashed in a few numpy operations. Limits: building holds the distinct
-hashes in memory (8 bytes each, twice that while merging), so ~1B-word corpora need ~16 GB; hashing
-runs at a few million words per second on one core.
+hashes in memory (8 bytes each, twice that while merging), so ~1B-word corpora need ~16 GB; one core
+indexes about a million words a second (the tiny template's 1.5M-word corpus: 1.5 s on a busy machine,
+two thirds of it normalising), so ~1B words take ~20 minutes, once per corpus artifact.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def item_query(item: Item) -> tuple[int, np.ndarray] | None:
     if len(ws) < MIN_WORDS:
         return None
     n = min(len(ws), NGRAM)
-    return n, np.unique(ngram_hashes(_word_hashes(ws), n))
+    return n, _sorted_unique(ngram_hashes(_word_hashes(ws), n))
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,12 @@ def index_file(cache_dir: Path, key: str, n: int) -> Path:
     return cache_dir / f"ngrams-n{n:02d}-norm{NORMALISER_VERSION}-{key[:16]}.npy"
 
 
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    # np.unique is ~100x slower than a sort on uint64 in numpy 2.4 (measured: 3.0 s vs 0.03 s for 1.5M).
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
 def build_index(texts: Iterable[str], ns: Sequence[int]) -> dict[int, np.ndarray]:
     """Sorted distinct n-gram hashes of the texts, for each n, in one pass."""
     buffers: dict[int, list[np.ndarray]] = {n: [] for n in ns}
@@ -132,10 +139,11 @@ def build_index(texts: Iterable[str], ns: Sequence[int]) -> dict[int, np.ndarray
             buffers[n].append(h)
             sizes[n] += len(h)
             if sizes[n] > _CHUNK:  # keep memory at the distinct hashes, not every n-gram seen
-                merged = np.unique(np.concatenate(buffers[n]))
+                merged = _sorted_unique(np.concatenate(buffers[n]))
                 buffers[n], sizes[n] = [merged], len(merged)
     return {
-        n: np.unique(np.concatenate(b)) if b else np.empty(0, dtype=np.uint64) for n, b in buffers.items()
+        n: _sorted_unique(np.concatenate(b)) if b else np.empty(0, dtype=np.uint64)
+        for n, b in buffers.items()
     }
 
 
