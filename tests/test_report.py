@@ -262,6 +262,22 @@ def test_a_removed_ancestor_is_named_not_a_crash(project, tmp_path):
     ]
 
 
+def test_an_imported_model_says_where_it_came_from(project, tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns("reports"))
+    source = copy / "workspace/artifacts/sft/v0001"
+    assert run_cli("import", str(source), cwd=copy).code == 0
+    ran = run_cli("--json", "report", "import:latest", cwd=copy)
+    assert ran.code == 0, ran.stderr
+    meta, sections = split_card(Path(ran.json()["card"]).read_text())
+    assert "base_model" not in meta  # a local folder is no hub id
+    assert f"starts from an imported model, {source} (folder)" in sections["Training"]
+    assert (
+        int(table(sections["Model"])[0]["parameters"].replace(",", ""))
+        == ran.json()["summary"]["model"]["params"]
+    )
+
+
 def test_unknown_reference_is_an_input_error(project):
     ran = run_cli("report", "pretrain:v9", cwd=project)
     assert ran.code == 2 and ran.stderr.startswith("Error: unknown reference 'pretrain:v9'"), ran.stderr

@@ -203,6 +203,10 @@ def _training_table(runs: list[TrainingRun]) -> str:
 def _training(s: Summary) -> str:
     runs = s.pretraining
     if not runs:
+        if s.imported_from:
+            return (
+                f"No pretraining in the lineage: the chain starts from an imported model, {s.imported_from}."
+            )
         return _absent(s, "pretraining")
     return _training_table(runs)
 

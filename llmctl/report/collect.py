@@ -201,6 +201,7 @@ class Summary:
     evals: list[EvalRun]
     quantize: list[QuantizeRun]
     base_model: str | None  # a hub id when the chain starts from `llmctl import org/name`
+    imported_from: str | None  # what `llmctl import` read, when the chain starts from it
     datasets: list[str] = field(default_factory=list)
 
     @property
@@ -248,6 +249,14 @@ def collect(workspace: Workspace, subject: Artifact) -> Summary:
         evals=_evals(by_id.values(), chain_ids | {subject.id}),
         quantize=_quantize(by_id.values(), subject, chain_ids),
         base_model=_base_model(chain),
+        imported_from=next(
+            (
+                f"{a.manifest.metrics.get('source')} ({a.manifest.metrics.get('kind')})"
+                for a in chain
+                if a.stage == "import"
+            ),
+            None,
+        ),
         datasets=_datasets(present),
     )
 
