@@ -147,6 +147,15 @@ def build_index(texts: Iterable[str], ns: Sequence[int]) -> dict[int, np.ndarray
     }
 
 
+def _load(path: Path) -> np.ndarray | None:
+    """A cached index, memory-mapped; None when there is none or it cannot be read (it is rebuilt)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    return array if array.dtype == np.uint64 and array.ndim == 1 else None
+
+
 def _save(path: Path, array: np.ndarray) -> bool:
     """Write atomically (temp name, then rename); False when the folder is not writable."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -179,11 +188,12 @@ class Decontaminator:
             if (i, n) in self._loaded:
                 continue
             path = index_file(corpus.cache_dir, corpus.key, n) if corpus.cache_dir is not None else None
-            if path is not None and path.is_file():
-                self._loaded[i, n] = np.load(path, mmap_mode="r")
-                self.indexes.append({"corpus": corpus.name, "n": n, "index": "cached", "path": str(path)})
-            else:
+            array = _load(path) if path is not None else None
+            if array is None:
                 missing.append(n)
+                continue
+            self._loaded[i, n] = array
+            self.indexes.append({"corpus": corpus.name, "n": n, "index": "cached", "path": str(path)})
         if not missing:
             return
         self.reporter.log(
