@@ -223,7 +223,6 @@ def collect(workspace: Workspace, subject: Artifact) -> Summary:
     lineage, missing = _walk(subject, by_id)
     present = [by_id[n.id] for n in lineage if n.status in ("ok", "changed") and n.id in by_id]
     chain = [a for a in reversed(present) if a.kind == "model"]  # oldest first
-    chain_ids = {a.id for a in chain}
     first = {}
     for a in reversed(present):  # the nearest artifact of each stage wins
         first[a.stage] = a
@@ -246,8 +245,8 @@ def collect(workspace: Workspace, subject: Artifact) -> Summary:
         training=[
             _training(a) for a in chain if (a.path / "metrics.jsonl").is_file() and a.stage != "quantize"
         ],
-        evals=_evals(by_id.values(), chain_ids | {subject.id}),
-        quantize=_quantize(by_id.values(), subject, chain_ids),
+        evals=_evals(by_id.values(), [a.id for a in chain if a.id != subject.id] + [subject.id]),
+        quantize=_quantize(by_id.values(), subject),
         base_model=_base_model(chain),
         imported_from=next(
             (
@@ -455,12 +454,13 @@ def _model_input(artifact: Artifact) -> str | None:
     return next((i.id for i in artifact.manifest.inputs if i.slot == "model"), None)
 
 
-def _evals(artifacts: Any, model_ids: set[str]) -> list[EvalRun]:
+def _evals(artifacts: Any, models: list[str]) -> list[EvalRun]:
+    """Evals of `models` (oldest model first), in the order of their models, then of time."""
+    order = {model: i for i, model in enumerate(models)}
+    found = [a for a in artifacts if a.kind == "eval" and _model_input(a) in order]
     runs = []
-    for a in sorted(artifacts, key=lambda a: (a.manifest.finished_at, a.id)):
+    for a in sorted(found, key=lambda a: (order[_model_input(a)], a.manifest.finished_at, a.id)):
         model = _model_input(a)
-        if a.kind != "eval" or model not in model_ids:
-            continue
         results = _read_json(a.path / "results.json") or {}
         scores = []
         for task, entry in (results.get("tasks") or {}).items():
@@ -479,7 +479,7 @@ def _evals(artifacts: Any, model_ids: set[str]) -> list[EvalRun]:
     return runs
 
 
-def _quantize(artifacts: Any, subject: Artifact, chain_ids: set[str]) -> list[QuantizeRun]:
+def _quantize(artifacts: Any, subject: Artifact) -> list[QuantizeRun]:
     """The subject when it is a quantized model, else quantized copies of the subject."""
     if subject.stage == "quantize":
         found = [subject]
