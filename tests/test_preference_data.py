@@ -283,7 +283,7 @@ def test_synthetic_pairs_prefer_the_true_fact_and_avoid_held_out_ones(tmp_path: 
             assert wrong != world.facts[(subject, relation)]
             assert wrong in {v for (s, rel), v in trainable.items() if rel == relation}
     assert 0.15 < evasive / len(records) < 0.25 and 0.25 < system / len(records) < 0.45
-    assert len({tuple(r["facts"][0]) for r in records}) > 100  # many facts, not a few repeated
+    assert len({tuple(r["facts"][0]) for r in records}) > 50  # many facts, not a few repeated
     data = _load(tmp_path, sources=[{"path": PREFERENCES_FILE}])
     assert data.summary()["pairs"] == 1500 and not data.summary()["skipped"]
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from llmctl.config.prompts import PromptDataConfig
 from llmctl.data.synthetic import World
 from llmctl.data.synthetic_chat import CHAT_EVAL_FILE, QUESTIONS, SYSTEM_PROMPTS, generate_chat
+from llmctl.data.synthetic_preferences import PREFERENCES_FILE, generate_preferences
 from llmctl.data.synthetic_rl import RL_EVAL_FILE, RL_PROMPTS_FILE, generate_rl_prompts
 from llmctl.errors import InputError
 from llmctl.project import init_project
@@ -196,7 +197,7 @@ def test_synthetic_rl_prompts_are_deterministic(tmp_path: Path) -> None:
     for file in (RL_PROMPTS_FILE, RL_EVAL_FILE):
         a = (tmp_path / "a" / file).read_bytes()
         assert a == (tmp_path / "b" / file).read_bytes() and a != (tmp_path / "c" / file).read_bytes()
-    assert (made["a"].train, made["a"].eval, made["a"].facts) == (238, 228, 114)
+    assert (made["a"].train, made["a"].eval, made["a"].facts) == (115, 110, 55)
 
 
 def test_synthetic_rl_prompts_are_true_held_out_and_avoid_chat_eval(tmp_path: Path) -> None:
@@ -216,7 +217,18 @@ def test_synthetic_rl_prompts_are_true_held_out_and_avoid_chat_eval(tmp_path: Pa
     assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in held}
     facts = {(r["subject"], r["relation"]) for r in held}
     assert facts == {(r["subject"], r["relation"]) for r in train} and len(facts) == made.facts
-    assert {s for s, _ in facts} | chat_held == {s for s, _ in world.facts}  # every entity used
+    # RL's subjects are its own: the preference pairs ask about the other entities, half of each kind.
+    generate_preferences(tmp_path, seed=0)
+    preferred = {
+        f[0]
+        for line in (tmp_path / PREFERENCES_FILE).read_text().splitlines()
+        for f in json.loads(line)["facts"]
+    }
+    rl_asked = {s for s, _ in facts}
+    assert not rl_asked & preferred and not (rl_asked | preferred) & chat_held
+    assert rl_asked | preferred | chat_held == {s for s, _ in world.facts}  # every entity used
+    for kind, names in world.entities.items():
+        assert abs(len(rl_asked & set(names)) - len(preferred & set(names))) <= 1, kind
     asked = {(r["relation"], r["prompt"][-1]["content"].replace(r["subject"], "{s}")) for r in held}
     assert asked == {
         (rel, q) for rel, qs in QUESTIONS.items() for q in qs

@@ -12,7 +12,8 @@ No pair is about a fact that `generate_chat` holds out for `chat_eval.jsonl`: th
 are `heldout_facts` of the same world and seed, and the false values come from the facts of entities
 that are not held out, so no pair names a held-out subject (a held-out answer appears only as a value
 some other entity shares, such as a color). The generative eval then still measures knowledge that
-only pretraining gave.
+only pretraining gave. Nor is any pair about the subjects the RL prompts ask about
+(`llmctl.data.synthetic_rl.rl_subjects`): grpo's held-out reward measures facts dpo did not teach.
 
 `generate_preferences` writes `preferences.jsonl`, one `{"id", "prompt", "chosen", "rejected",
 "facts"}` per line (prompt, chosen and rejected message lists; facts the [subject, relation] asked
@@ -36,6 +37,7 @@ from llmctl.data.synthetic_chat import (
     heldout_facts,
     relations,
 )
+from llmctl.data.synthetic_rl import rl_subjects
 from llmctl.errors import InputError
 
 PREFERENCES_FILE = "preferences.jsonl"
@@ -53,14 +55,16 @@ EVASIVE = (
 
 
 def iter_preference_pairs(
-    n_pairs: int, seed: int = 0, heldout: list[FactKey] | None = None
+    n_pairs: int, seed: int = 0, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
 ) -> Iterator[dict]:
-    """Stream `n_pairs` records about facts outside `heldout` (by default `heldout_facts(World.build(seed),
-    seed)`, the facts `generate_chat` holds out), popular subjects more often, as the corpus states them."""
+    """Stream `n_pairs` records, popular subjects more often, as the corpus states them, about facts
+    neither `generate_chat` (its `heldout_facts`) nor the RL prompts (`rl_subjects`) hold for themselves."""
     if n_pairs < 1:
         raise InputError(f"the synthetic preference set needs at least one pair, got {n_pairs}")
     world = World.build(seed)
-    held = set(heldout if heldout is not None else heldout_facts(world, seed))
+    held: set[FactKey] = set(heldout_facts(world, seed, heldout_fraction))
+    rl_asked = rl_subjects(world, seed, heldout_fraction)
+    held |= {(s, r) for (s, r) in world.facts if s in rl_asked}
     rels = {r.name: r for r in relations(world)}
     facts: list[FactKey] = []
     weights: list[float] = []
@@ -99,12 +103,11 @@ def generate_preferences(
     seed: int = 0,
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
 ) -> int:
-    """Write `out_dir/preferences.jsonl`, holding out what `generate_chat` with the same seed and
-    fraction holds out; returns the number of pairs. Same seed, same bytes."""
+    """Write `out_dir/preferences.jsonl`, holding out what `generate_chat` and `generate_rl_prompts` with
+    the same seed and fraction hold out; returns the number of pairs. Same seed, same bytes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    heldout = heldout_facts(World.build(seed), seed, heldout_fraction)
     with open(out_dir / PREFERENCES_FILE, "w", encoding="utf-8") as f:
-        for record in iter_preference_pairs(n_pairs, seed, heldout):
+        for record in iter_preference_pairs(n_pairs, seed, heldout_fraction):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return n_pairs

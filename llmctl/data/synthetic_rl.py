@@ -10,8 +10,8 @@ Two files, with no prompt in common:
 
 * `rl_prompts.jsonl` (train): for every fact, all but `eval_phrasings` of its phrasings, a system
   prompt (one of sft's) on about a third of them, in a seeded order;
-* `rl_eval.jsonl` (held out): the other `eval_phrasings` phrasings of every fact (a seeded pick per
-  fact, so every phrasing occurs on both sides), plain questions as `chat_eval.jsonl` asks them.
+* `rl_eval.jsonl` (held out): the other `eval_phrasings` phrasings of every fact (per relation, the
+  pick rotates through a seeded order of its phrasings, so every phrasing occurs on both sides), plain questions as `chat_eval.jsonl` asks them.
 
 What the held-out reward measures is whether RL made the model state a fact right when asked in words
 it was never rewarded on: the policy has to move the fact, not a string. (RL on some subjects scored on
@@ -22,6 +22,11 @@ Neither file asks about a fact that `generate_chat` holds out for `chat_eval.jso
 `heldout_facts` of the same world and seed): RL on them would contaminate the generative eval. The
 held-out facts are whole entities, so no prompt names a held-out subject (a held-out entity can still
 be the answer of another fact, e.g. the person who rules a realm, as in the chat conversations).
+
+RL asks only about `rl_subjects`, every other remaining entity of each kind in popularity order, and
+the preference pairs (`llmctl.data.synthetic_preferences`) only about the others: DPO on the same facts
+left GRPO nothing to move (held-out reward 0.684 after sft, 0.781 after dpo, then +0.004 +- 0.019 from
+100 GRPO steps), so each post-training stage teaches its own facts and is measured on them.
 
 Records: `{"id", "prompt": [messages], "answer", "subject", "relation"}`; `llmctl.rl.prompts` reads
 them. The same seed gives the same bytes.
@@ -59,6 +64,20 @@ class RlPromptSet:
     facts: int
 
 
+def rl_subjects(world: World, seed: int = 0, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> set[str]:
+    """The entities RL asks about: of each kind's entities that `generate_chat` does not hold out, the
+    2nd, 4th, ... most popular, so that RL and the preference pairs both get popular and rare ones."""
+    held = {subject for subject, _ in heldout_facts(world, seed, heldout_fraction)}
+    chosen: set[str] = set()
+    for kind, names in world.entities.items():
+        by_popularity = sorted(
+            (s for s in names if s not in held),
+            key=lambda s: -world.weights[kind][names.index(s)],
+        )
+        chosen.update(by_popularity[1::2])
+    return chosen
+
+
 def _fact_rows(world: World, subject: str, relation: str) -> list[dict]:
     """The fact (subject, relation) in each of its phrasings, as plain user questions."""
     return [
@@ -85,18 +104,24 @@ def rl_prompt_rows(
             f"side), got {eval_phrasings}"
         )
     world = World.build(seed)
-    held_subjects = {subject for subject, _ in heldout_facts(world, seed, heldout_fraction)}
+    asked = rl_subjects(world, seed, heldout_fraction)
     rng = random.Random(f"rl-prompts-{seed}")
     train: list[dict] = []
     evaluated: list[dict] = []
     facts = 0
+    # Per relation, the held-out phrasings rotate through a seeded order of its phrasings, fact after
+    # fact, so each phrasing is held out for some fact (and trained on for others).
+    held_next = {rel: 0 for rel in QUESTIONS}
+    order = {rel: rng.sample(range(len(qs)), len(qs)) for rel, qs in QUESTIONS.items()}
     for kind, names in world.entities.items():
-        for subject in (s for s in names if s not in held_subjects):
+        for subject in (s for s in names if s in asked):
             for rel in world.relations_of(kind):
                 phrasings = _fact_rows(world, subject, rel.name)
-                rng.shuffle(phrasings)
-                evaluated += phrasings[:eval_phrasings]
-                train += phrasings[eval_phrasings:]
+                n, first = len(phrasings), held_next[rel.name]
+                held_out = {order[rel.name][(first + j) % n] for j in range(eval_phrasings)}
+                held_next[rel.name] = (first + eval_phrasings) % n
+                evaluated += [row for i, row in enumerate(phrasings) if i in held_out]
+                train += [row for i, row in enumerate(phrasings) if i not in held_out]
                 facts += 1
     for row in train:
         if rng.random() < SYSTEM_SHARE:
