@@ -39,6 +39,7 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
         "pretrain",
         "sft",
         "dpo",
+        "grpo",
         "eval",
         "quantize",
     ]
@@ -49,8 +50,9 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     assert stages["pretrain"]["inputs"] == {"data": "tokenize:v0001"}
     assert stages["sft"]["inputs"] == {"model": "pretrain:v0001", "chat": "sft.data"}
     assert stages["dpo"]["inputs"] == {"model": "sft:v0001", "preferences": "dpo.data"}
-    assert stages["eval"]["inputs"] == {"model": "dpo:v0001", "data": "tokenize:v0001"}
-    assert stages["quantize"]["inputs"] == {"model": "dpo:v0001", "data": "tokenize:v0001"}
+    assert stages["grpo"]["inputs"] == {"model": "dpo:v0001", "prompts": "grpo.data"}
+    assert stages["eval"]["inputs"] == {"model": "grpo:v0001", "data": "tokenize:v0001"}
+    assert stages["quantize"]["inputs"] == {"model": "grpo:v0001", "data": "tokenize:v0001"}
     quantized = stages["quantize"]["metrics"]
     assert quantized["method"] == "rtn int8 per-channel sym"
     assert abs(quantized["ppl_increase_pct"]) < 1.0, quantized
@@ -78,11 +80,22 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     # score, beside the sft model it started from, does not fall by more than its standard error.
     dpo = stages["dpo"]["metrics"]
     assert dpo["val_rewards/accuracies"] > 0.75 and dpo["val_rewards/margins"] > 0, dpo
+    dpo_eval = run_cli("eval", "world_chat", "--ckpt", "dpo:v0001", "--json", cwd=project, timeout=300)
+    assert dpo_eval.code == 0, dpo_eval.stderr[-3000:]
+    after_dpo = dpo_eval.json()["tasks"]["world_chat"]
+    assert after_dpo["vs_base"]["contains"]["delta"] >= -after_dpo["stderr"]["contains"], after_dpo
+
+    # grpo: the greedy reward on held-out phrasings of its facts rises by more than two paired
+    # standard errors over the dpo model it started from; the eval after it scores the grpo model
+    # beside that dpo model, and the world-facts score asked in chat does not fall by more than its
+    # standard error.
+    grpo = stages["grpo"]["metrics"]
+    assert grpo["val_reward_gain"] > 2 * grpo["val_reward_gain_stderr"] > 0, grpo
+    assert grpo["val_reward"] == pytest.approx(grpo["start_val_reward"] + grpo["val_reward_gain"]), grpo
     results = _eval_results(project, stages["eval"]["artifact"])
-    assert results["base_model"] == "sft:v0001"
-    after_dpo = results["tasks"]["world_chat"]
-    change = after_dpo["vs_base"]["contains"]
-    assert change["delta"] >= -after_dpo["stderr"]["contains"], after_dpo
+    assert results["base_model"] == "dpo:v0001"
+    after_grpo = results["tasks"]["world_chat"]
+    assert after_grpo["vs_base"]["contains"]["delta"] >= -after_grpo["stderr"]["contains"], after_grpo
     scores = stages["eval"]["metrics"]
     assert scores["world_chat/stopped"] > 0.9, scores
     assert scores["world_mc/acc"] > 0.35, scores  # chance is 0.25 with 4 choices
@@ -95,10 +108,10 @@ def test_tiny_template_runs_end_to_end_and_learns(tmp_path):
     while node.get("inputs"):
         node = node["inputs"][0]
         chain.append(node["id"])
-    assert chain[:5] == ["dpo:v0001", "sft:v0001", "pretrain:v0001", "tokenize:v0001", "filter:v0001"]
+    assert chain[:5] == ["grpo:v0001", "dpo:v0001", "sft:v0001", "pretrain:v0001", "tokenize:v0001"]
     lineage = run_cli("artifacts", "lineage", "quantize:latest", "--json", cwd=project).json()
     assert lineage["id"] == "quantize:v0001"
-    assert [node["id"] for node in lineage["inputs"]] == ["dpo:v0001", "tokenize:v0001"]
+    assert [node["id"] for node in lineage["inputs"]] == ["grpo:v0001", "tokenize:v0001"]
 
     # The README's and `generate --help`'s prompts for this model ask for a fact the corpus states:
     # the model completes it (the answer is read from the corpus the template generated).
