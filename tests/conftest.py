@@ -14,6 +14,32 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 
+# `python -m pytest` runs the suite on every core (pyproject's addopts: pytest-xdist's `-n auto`), one
+# torch thread per worker: two workers of two threads each on two cores run torch several times slower.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+# The longest modules first, then the other slow ones, so that the workers start on them at once and
+# the short tests fill in around them (each module stays on one worker: `--dist loadscope`).
+LONGEST_FIRST = ("test_pipeline_tiny.py", "test_readme_tour.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = {item.path.name for item in items if item.get_closest_marker("slow")}
+
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST) + (name not in slow)
+
+    items.sort(key=rank)  # stable: a module's own order is kept
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_per_worker():
+    """Some modules set torch's threads when imported, which every worker does while collecting."""
+    if XDIST_WORKER and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
 
 @dataclass
 class CliResult:

@@ -165,12 +165,14 @@ def test_readme_tour_runs_top_to_bottom(tmp_path):
         if args[0] == "chat":
             stdin = "What is the capital of France?\n\n"
         if args[0] == "serve":
-            ran.append(line)
+            started = time.monotonic()
             failures += _serve_answers_and_drains(args, cwd)
+            ran.append(f"{time.monotonic() - started:6.1f}s  {line}")
             continue
         gate = next((a for a in args if a.startswith("--min")), None)
         if gate is not None:
             args = [*args, "--json"]
+        started = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-m", "llmctl", *args],
             cwd=cwd,
@@ -185,7 +187,7 @@ def test_readme_tour_runs_top_to_bottom(tmp_path):
             score = json.loads(proc.stdout)["tasks"][task]["metrics"]
             value = score.get("acc", next(iter(score.values())))
             expected = 1 if value < float(threshold) else 0
-        ran.append(line)
+        ran.append(f"{time.monotonic() - started:6.1f}s  {line}")
         if proc.returncode != expected:
             failures.append(
                 f"{line}\n  ran: llmctl {shlex.join(args)}\n  exit {proc.returncode}, "
@@ -193,6 +195,6 @@ def test_readme_tour_runs_top_to_bottom(tmp_path):
             )
         elif expected == 2:
             assert "Error:" in proc.stderr and "Hint:" in proc.stderr, proc.stderr
-    print("\n".join(f"skipped: {line}  ({why})" for line, why in skipped))
+    print("\n".join([*ran, *(f"skipped: {line}  ({why})" for line, why in skipped)]))  # shown by -s
     assert not failures, "\n\n".join(failures)
     assert len(ran) >= 15, ran
