@@ -16,7 +16,8 @@ Loading such a folder rebuilds the QuantizedLinear layers.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,32 @@ def load_safetensors(files: list[Path], device: str | torch.device = "cpu") -> d
     return tensors
 
 
+# nn.Linear and nn.Embedding initialise their weights when built; on the meta device those calls run
+# torch's Python reference kernels, and the first of them imports torch._dynamo: ~1.5-2 s of every
+# command that loads a model, for values that the loaded weights replace anyway.
+_INITIALISERS = (
+    "kaiming_uniform_",
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "xavier_uniform_",
+    "zeros_",
+    "ones_",
+)
+
+
+@contextmanager
+def _without_weight_init() -> Iterator[None]:
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def model_from_state_dict(
     cfg: ModelConfig,
     state_dict: dict[str, torch.Tensor],
@@ -251,7 +278,7 @@ def model_from_state_dict(
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
         state_dict.pop("lm_head.weight", None)
-    with torch.device("meta"):
+    with torch.device("meta"), _without_weight_init():
         model = Transformer(cfg)
     expected = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in quantized}
     if cfg.tie_embeddings:

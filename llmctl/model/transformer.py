@@ -393,8 +393,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.reset_rope_buffers()
-        self.init_weights()
+        if not self.lm_head.weight.is_meta:  # on meta to be loaded: the loader computes the tables
+            self.reset_rope_buffers()
+            self.init_weights()
 
     def reset_rope_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the rotary tables; needed after building on the meta device."""
