@@ -20,7 +20,7 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
 # The longest modules first, then the other slow ones, so that the workers start on them at once and
-# the short tests fill in around them (each module stays on one worker: `--dist loadscope`).
+# the short tests fill in around them (`--dist load` hands tests out in this order).
 LONGEST_FIRST = ("test_pipeline_tiny.py", "test_readme_tour.py")
 
 
