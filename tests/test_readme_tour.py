@@ -5,6 +5,8 @@ is tested as written. What cannot run here is adapted, each for a stated reason:
 
 - training budget: `run` and each training stage get `--set <stage>.max_steps=TOUR_STEPS` (a line that
   sets max_steps itself keeps its own, distinct budget, capped), so the tour takes minutes on 2 CPU cores;
+- `run --from STAGE --force`: stops after STAGE (`--until STAGE`); the stages after it were just run by
+  the tour's plain `run`, and re-running them took a minute of the suite for nothing new;
 - `--gpus N` without CUDA: documented to refuse with exit 2 (no silent CPU processes); skipped on
   machines with CUDA (an 8-process launch is not a unit test);
 - `--data-dir ~/evals`: benchmark data is not shipped; skipped unless that folder exists;
@@ -72,6 +74,8 @@ def _with_budget(args: list[str]) -> list[str]:
     if not stages or "--gpus" in args or "--inspect" in args:
         return args
     out = list(args)
+    if args[0] == "run" and "--from" in args and "--force" in args and "--until" not in args:
+        out += ["--until", args[args.index("--from") + 1]]
     for stage in stages:
         key = f"{stage}.max_steps="
         own = next((i for i, arg in enumerate(out) if arg.startswith(key)), None)
