@@ -147,6 +147,7 @@ def test_card_from_the_cli_has_the_manifests_numbers(project):
     assert meta["license"] == "other" and meta["pipeline_tag"] == "text-generation"
     assert {"llmctl", "pretrain", "sft", "dpo", "grpo"} <= set(meta["tags"])
     assert "data/docs.jsonl" in meta["datasets"] and "data/chat.jsonl" in meta["datasets"]
+    assert "data/rl_prompts.jsonl" in meta["datasets"] and "data/rl_eval.jsonl" not in meta["datasets"]
 
     dedup, filt, tok = (manifest(project, f"{s}:v0001")["metrics"] for s in ("dedup", "filter", "tokenize"))
     funnel = {row["step"]: number(row["count"]) for row in table(sections["Data"])}

@@ -517,10 +517,22 @@ def _base_model(chain: list[Artifact]) -> str | None:
 
 
 def _datasets(present: list[Artifact]) -> list[str]:
+    """The data the lineage trained on (the hub's `datasets:`), without files named as validation data."""
     names: list[str] = []
     for artifact in reversed(present):
+        held_out = _validation_sources(artifact)
         for source in artifact.manifest.sources:
             name = _source_name(source)
-            if name and name not in names:
+            if name and name not in names and name not in held_out:
                 names.append(name)
     return names
+
+
+def _validation_sources(artifact: Artifact) -> set[str]:
+    """What a stage's config names as validation data (`<stage>.data.val_sources`): scored, not trained on."""
+    held_out: set[str] = set()
+    for section in artifact.manifest.config.values():
+        data = section.get("data") if isinstance(section, dict) else None
+        if isinstance(data, dict):
+            held_out |= {_source_name(s) for s in data.get("val_sources") or [] if isinstance(s, dict)}
+    return held_out
