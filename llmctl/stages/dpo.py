@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,14 @@ def source_fingerprint(cfg: DpoConfig | None, project_dir: Path) -> list[dict[st
         if cfg is not None and cfg.data is not None
         else []
     )
+
+
+def training_texts(cfg: DpoConfig, project_dir: Path) -> Iterator[str]:
+    """Each training pair's prompt, chosen and rejected answers (data.sources; val_sources are held out)."""
+    from llmctl.data.preference import read_pairs
+
+    for pair in read_pairs(cfg.data.sources, Path(project_dir), on_error="skip"):
+        yield "\n".join(m.get("content") or "" for m in [*pair.prompt, *pair.chosen, *pair.rejected])
 
 
 def preflight(cfg: DpoConfig, world_size: int) -> None:

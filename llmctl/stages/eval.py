@@ -20,9 +20,7 @@ file's under the workspace's .cache/decontaminate/.
 
 from __future__ import annotations
 
-import importlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from llmctl.evals.decontaminate import Corpus, Decontaminator
 from llmctl.evals.evaluate import RESULTS_FILE, evaluate, flat_metrics
 from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
+from llmctl.stages.registry import STAGES
 from llmctl.workspace.integrity import DERIVED_DIR, records_content_sha256
 from llmctl.workspace.manifest import stable_hash
 from llmctl.workspace.store import Artifact, Workspace, load_artifact
@@ -164,13 +163,6 @@ def evaluate_folder(
 
 # ---- decontamination: the model's training documents, through lineage ----------------------------
 
-# Post-training stages: how to read the records their config names, and the text of one record.
-_RECORD_READERS = {
-    "sft": ("llmctl.data.chat:read_conversations", lambda r: r.messages),
-    "dpo": ("llmctl.data.preference:read_pairs", lambda r: [*r.prompt, *r.chosen, *r.rejected]),
-    "grpo": ("llmctl.rl.prompts:read_prompts", lambda r: r.prompt),
-}
-
 
 def training_documents(
     model: Artifact, workspace: Workspace, project_dir: Path, reporter: Reporter
@@ -211,7 +203,7 @@ def training_documents(
                     found.append(_corpus_of(p))
             else:
                 walk(p)
-        if a.stage in _RECORD_READERS:
+        if a.stage in STAGES:
             records = _records_of(a, project_dir, workspace.root / ".cache" / "decontaminate", reporter)
             if records is not None:
                 found.append(records)
@@ -234,25 +226,20 @@ def _corpus_of(a: Artifact) -> Corpus:
 def _records_of(a: Artifact, project_dir: Path, cache_dir: Path, reporter: Reporter) -> Corpus | None:
     """The data files a post-training stage read (its section's data.sources; val_sources are held out
     and left out), one document per record; None when there are none or they changed since."""
-    from llmctl.stages.registry import STAGES
-
-    section_model = STAGES[a.stage].config_model()
+    stage = STAGES[a.stage]
+    section_model = stage.config_model()
     raw = a.manifest.config.get(a.stage)
     if section_model is None or raw is None:
         return None
     section = section_model.model_validate(raw)
-    if section.data is None:
+    if getattr(section, "data", None) is None or stage.training_texts(section, project_dir) is None:
         return None
-    fingerprint = importlib.import_module(f"llmctl.stages.{a.stage}").source_fingerprint
-    if fingerprint(section, project_dir) != a.manifest.sources:
+    if stage.source_fingerprint(section, project_dir) != a.manifest.sources:
         reporter.log(f"decontamination: {a.id}'s training data changed since it ran; not checked")
         return None
-    reader_spec, messages_of = _RECORD_READERS[a.stage]
-    module, _, name = reader_spec.partition(":")
-    reader = getattr(importlib.import_module(module), name)
-
-    def texts() -> Iterator[str]:
-        for record in reader(section.data.sources, project_dir, on_error="skip"):
-            yield "\n".join(m.get("content") or "" for m in messages_of(record))
-
-    return Corpus(f"{a.id} training data", cache_dir, stable_hash(a.manifest.sources), texts)
+    return Corpus(
+        f"{a.id} training data",
+        cache_dir,
+        stable_hash(a.manifest.sources),
+        lambda: stage.training_texts(section, project_dir),
+    )

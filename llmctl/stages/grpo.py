@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,14 @@ def source_fingerprint(cfg: GrpoConfig | None, project_dir: Path) -> list[dict[s
     from llmctl.rl.prompts import prompt_fingerprint
 
     return prompt_fingerprint(cfg.data, Path(project_dir)) if cfg is not None and cfg.data is not None else []
+
+
+def training_texts(cfg: GrpoConfig, project_dir: Path) -> Iterator[str]:
+    """Each training prompt's messages (data.sources; val_sources are held out)."""
+    from llmctl.rl.prompts import read_prompts
+
+    for record in read_prompts(cfg.data.sources, Path(project_dir), on_error="skip"):
+        yield "\n".join(m.get("content") or "" for m in record.prompt)
 
 
 def preflight(cfg: GrpoConfig, world_size: int) -> None:

@@ -22,7 +22,9 @@ world_size)` (or `preflight(section, world_size, inputs)`, inputs: the resolved 
 raising ConfigError/InputError for a config that cannot work on that many processes: it runs once,
 before any process is launched. A stage module may also define `skip_reason(section) -> str | None`:
 `llmctl run` leaves the stage out, saying why, for a project that does not configure it (sft without
-chat data).
+chat data); a stage that reads data files of its own defines `source_fingerprint(section,
+project_dir)` (part of its reuse key) and `training_texts(section, project_dir)` (their records' text,
+which `llmctl eval --decontaminate` checks eval items against).
 `llmctl run`, `run --from/--until`, command completion and the schema list every stage from here.
 Stages from other distributions register the same way from a module named by an entry point in the
 `llmctl.stages` group; it is imported after the built-in stages, so its stages come last.
@@ -39,7 +41,7 @@ is a starting point, so any model the pipeline trained is newer; name it (`impor
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -119,8 +121,18 @@ class Stage:
         """Fingerprints of files the stage reads besides its input artifacts and data.sources (its
         module's `source_fingerprint(section, project_dir)`, e.g. sft's chat data): part of the
         reuse key, so changed files make the stage run again."""
+        return self.source_fingerprint(self.section_of(project), project_dir)
+
+    def source_fingerprint(self, section: Any, project_dir: Any) -> list[dict[str, Any]]:
+        """`extra_sources` for a given section (e.g. one read back from a manifest)."""
         fingerprint = getattr(self._module(), "source_fingerprint", None)
-        return fingerprint(self.section_of(project), project_dir) if fingerprint is not None else []
+        return fingerprint(section, project_dir) if fingerprint is not None else []
+
+    def training_texts(self, section: Any, project_dir: Any) -> Iterator[str] | None:
+        """The text of every record the stage trains on from those files (its module's
+        `training_texts(section, project_dir)`), for eval's decontamination; None when it has none."""
+        texts = getattr(self._module(), "training_texts", None)
+        return texts(section, project_dir) if texts is not None else None
 
     def section_of(self, project: Any) -> Any:
         """This stage's own section of the project config (None for a stage without one)."""

@@ -16,6 +16,7 @@ Distributed like pretrain: every rank runs `run(ctx)`; only rank 0 writes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,14 @@ def source_fingerprint(cfg: SftConfig | None, project_dir: Path) -> list[dict[st
     from llmctl.data.chat import chat_fingerprint
 
     return chat_fingerprint(cfg.data, Path(project_dir)) if cfg is not None and cfg.data is not None else []
+
+
+def training_texts(cfg: SftConfig, project_dir: Path) -> Iterator[str]:
+    """Each training conversation's messages (data.sources; val_sources are held out)."""
+    from llmctl.data.chat import read_conversations
+
+    for record in read_conversations(cfg.data.sources, Path(project_dir), on_error="skip"):
+        yield "\n".join(m.get("content") or "" for m in record.messages)
 
 
 def preflight(cfg: SftConfig, world_size: int) -> None:
