@@ -21,12 +21,13 @@ from conftest import run_cli
 
 from llmctl.config.loading import PROJECT_FILE, load_config
 from llmctl.model.config import preset
+from llmctl.model.lora import add_lora
 from llmctl.model.transformer import Transformer
 from llmctl.project import get_template, render_project_file
 from llmctl.stages.plan import plan_project
 from llmctl.stages.registry import project_model
 from llmctl.train.optim import make_adamw, param_groups
-from llmctl.train.plan import device_spec, memory_per_device
+from llmctl.train.plan import device_spec, lora_params, memory_per_device
 from llmctl.train.setup import enable_activation_checkpointing
 
 LOW, HIGH = -0.10, 0.25  # estimate vs measured peak, relative
@@ -145,6 +146,16 @@ def test_fsdp_shards_and_ddp_replicates():
         assert ddp[term] == one[term] and fsdp[term] == one[term] // 8, term
     assert ddp["DDP gradient buckets"] == one["gradients"] and "FSDP unsharded unit" in fsdp
     assert one["optimizer state"] == 2 * one["weights"]  # two fp32 moments; weights stay fp32
+
+
+@pytest.mark.parametrize(
+    "targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")]
+)
+def test_lora_parameter_count_is_the_adapted_models(targets):
+    model = Transformer(preset("test-1m", vocab_size=512))  # GQA: k/v narrower than q
+    add_lora(model, rank=4, alpha=8, dropout=0.0, targets=targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_params(model.config, 4, targets) == trainable > 0
 
 
 def test_plan_json_through_the_cli(tiny_project):

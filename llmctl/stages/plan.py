@@ -24,7 +24,9 @@ from typing import Any
 from llmctl.errors import ConfigError, InputError, UsageError
 from llmctl.model.checkpoint import read_model_config
 from llmctl.model.config import ModelConfig, num_params, token_budget
+from llmctl.stages import dpo as dpo_stage
 from llmctl.stages import pretrain as pretrain_stage
+from llmctl.stages import sft as sft_stage
 from llmctl.stages.registry import STAGES, TOKENS
 from llmctl.stages.runner import workspace_for
 from llmctl.train import plan as P
@@ -207,9 +209,8 @@ def _post_training(
         micro_rows = cfg.micro_batch_size * pairs
         tokens_per_step = cfg.batch_size * pairs * seq_len
         steps = cfg.max_steps
-        steps_source = (
-            "max_steps" if steps else f"{cfg.epochs or ('1' if name == 'dpo' else '3')} epochs over the data"
-        )
+        epochs = cfg.epochs or {"sft": sft_stage, "dpo": dpo_stage}[name].DEFAULT_EPOCHS
+        steps_source = "max_steps" if steps else f"{epochs:g} epochs over the data"
         notes.append(f"rows of up to seq_len {seq_len} tokens (packed rows are full; an upper bound)")
         if name == "dpo" and cfg.loss != "simpo":
             forward_only = 1
