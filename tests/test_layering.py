@@ -22,7 +22,7 @@ ALLOWED = {
     "rl": {"rl", "model", "data", "train", "config"},
     "stages": {"stages", "workspace", "model", "data", "train", "evals", "rl", "config"},
     "serve": {"serve", "model"},  # the server runs models through the engine, nothing else
-    "report": {"report", "workspace"},  # model cards read manifests, never weights
+    "report": {"report", "workspace", "train"},  # manifests and metrics.jsonl (train.metrics), never weights
     "cli": None,  # the top: may import anything
 }
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl import __version__
+from llmctl.train.metrics import read_metrics
 from llmctl.workspace.integrity import records_content_sha256
 from llmctl.workspace.store import Artifact, Workspace
 
@@ -408,17 +409,9 @@ def _model_shape(chain: list[Artifact]) -> ModelShape | None:
 
 
 def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of CURVE_KEYS from a metrics.jsonl; unreadable lines are skipped."""
+    """(step, value) series of CURVE_KEYS from a metrics.jsonl."""
     curves: dict[str, list[tuple[int, float]]] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return curves
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    for row in read_metrics(path):
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             continue
         for key in CURVE_KEYS:

@@ -78,6 +78,21 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
     return None if not peak else flops_per_token * tokens_per_s / peak
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (none when it is missing or unreadable), up to a torn last line."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line from a killed process
+    return rows
+
+
 class MetricsWriter:
     """Append-only JSONL, one object per line, flushed per line so a killed run keeps its history."""
 
@@ -93,15 +108,7 @@ class MetricsWriter:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a killed process
-        return rows
+        return read_metrics(self.path)
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
