@@ -325,6 +325,28 @@ def test_engine_input_errors():
 # ---- (e) checkpoint folders --------------------------------------------------------------------
 
 
+def test_loading_a_folder_neither_initialises_nor_imports_the_compiler(tmp_path: Path):
+    """The empty model is built without weight init or rotary tables: on the meta device they ran
+    torch's reference kernels, whose first call imports torch._dynamo (~1.7 s of every command)."""
+    import subprocess
+    import sys
+
+    model = make_model(tie_embeddings=False)
+    save_model_folder(model, tmp_path, eos_token_id=0)
+    probe = (
+        "import sys, torch\n"
+        "from llmctl.model.checkpoint import load_model_folder\n"
+        f"model, _ = load_model_folder({str(tmp_path)!r})\n"
+        "print('torch._dynamo' in sys.modules, float(model.lm_head.weight.double().sum()),"
+        " model.rope_cos.shape[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    dynamo, weight_sum, rope_rows = out.split()
+    assert dynamo == "False"
+    assert float(weight_sum) == pytest.approx(float(model.lm_head.weight.double().sum()), rel=0, abs=1e-9)
+    assert int(rope_rows) == model.config.max_seq_len  # the loader computed the tables
+
+
 def test_sharded_save_round_trips_and_transformers_loads_it(tmp_path: Path):
     transformers = pytest.importorskip("transformers")
     model = make_model(tie_embeddings=False, attention_bias=True)

@@ -238,7 +238,8 @@ def load_safetensors(files: list[Path], device: str | torch.device = "cpu") -> d
 
 # nn.Linear and nn.Embedding initialise their weights when built; on the meta device those calls run
 # torch's Python reference kernels, and the first of them imports torch._dynamo: ~1.5-2 s of every
-# command that loads a model, for values that the loaded weights replace anyway.
+# command that loads a model, for values that the loaded weights replace anyway. The patch is
+# process-wide for the few milliseconds of the build (as accelerate's init_empty_weights is).
 _INITIALISERS = (
     "kaiming_uniform_",
     "uniform_",
