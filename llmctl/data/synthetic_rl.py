@@ -70,10 +70,8 @@ def rl_subjects(world: World, seed: int = 0, heldout_fraction: float = DEFAULT_H
     held = {subject for subject, _ in heldout_facts(world, seed, heldout_fraction)}
     chosen: set[str] = set()
     for kind, names in world.entities.items():
-        by_popularity = sorted(
-            (s for s in names if s not in held),
-            key=lambda s: -world.weights[kind][names.index(s)],
-        )
+        weight = dict(zip(names, world.weights[kind], strict=True))
+        by_popularity = sorted((s for s in names if s not in held), key=lambda s: -weight[s])
         chosen.update(by_popularity[1::2])
     return chosen
 
