@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from llmctl.model.quantize import KernelWeight, QuantizedLinear, QuantizedWeight, has_kernel
-from llmctl.model.transformer import KVCache, RMSNorm, Transformer, rotate
+from llmctl.model.transformer import KVCache, RMSNorm, Transformer
 
 
 def packing_pays_off(model: Transformer) -> bool:
@@ -61,9 +61,11 @@ class PackedLinear:
         self.bias = torch.cat([b.detach() for b in bias]) if bias is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = self.weight.shape[0]
+        blocks, B = self.weight.shape[0], x.shape[0]
         y = torch.bmm(x.expand(blocks, *x.shape), self.weight)  # (blocks, B, out/blocks)
-        y = y.transpose(0, 1).reshape(x.shape[0], -1)[:, : self.out_features]
+        y = y.view(1, -1) if B == 1 else y.transpose(0, 1).reshape(B, -1)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
         return y if self.bias is None else y + self.bias
 
 
@@ -93,16 +95,36 @@ def pack_linears(layers: list[nn.Module], blocks: int) -> Packed:
     return PackedLinear([m.weight for m in layers], bias, blocks)
 
 
-# torch's one-call RMSNorm forward (no CPU backward, so decode only): a step runs two norms per
-# layer on a few rows, where RMSNorm's autograd Function and its six small ops cost 2x as much.
-_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
-
-
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    if _FUSED_RMS_NORM is None or x.device.type != "cpu":
-        return norm(x)
+    """F.rms_norm: forward only, a few rows, where RMSNorm's autograd Function costs 2x as much."""
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-    return _FUSED_RMS_NORM(x, [x.shape[-1]], norm.weight, eps)[0]
+    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, eps)
+
+
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary as matrices (..., hd, hd): x @ R = x * cos + roll(x, hd/2) * sin for the tables
+    of rope_tables (sign folded into sin). Built once per step and shared by every layer, it makes
+    each layer's rotary one small matmul instead of five elementwise ops and slices (a decode
+    step's cost is its op count); each output sums two nonzero products, as the elementwise form."""
+    hd = cos.shape[-1]
+    rotation = torch.diag_embed(cos)
+    columns = torch.arange(hd, device=cos.device)
+    rows = (columns + hd // 2) % hd  # roll(x)[i] = x[(i + hd/2) % hd]
+    rotation[..., rows, columns] += sin
+    return rotation
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Decode attention, (B, n_head * hd): SDPA for a handful of keys, where its flash kernel's
+    setup is cheap, two batched matmuls (one_query_attention) from 128 keys x rows on, where they
+    were measured up to 2.8x faster (batch 8 x 128 keys)."""
+    B, _, n_head, hd = q.shape
+    if B * keys.shape[2] >= 128:
+        return one_query_attention(q, keys, values, mask)
+    y = nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != n_head
+    )  # (B, n_head, 1, hd)
+    return y.reshape(B, n_head * hd)
 
 
 def one_query_attention(
@@ -110,9 +132,7 @@ def one_query_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v for one query per row, (B, n_head * hd) from q (B, 1, n_head, hd)
     and keys/values (B, n_kv, S, hd), as SDPA with enable_gqa (query head h reads kv head
-    h // (n_head / n_kv)). Two batched matmuls and a softmax: SDPA's flash kernel is built for
-    query blocks, and for a single query its setup costs more than the product (measured 1.8x
-    slower at batch 8 x 256 keys)."""
+    h // (n_head / n_kv)). Two batched matmuls and a softmax."""
     B, _, n_head, hd = q.shape
     n_kv, S = keys.shape[1], keys.shape[2]
     q = q.reshape(B * n_kv, n_head // n_kv, hd)  # the query heads that share a kv head, as rows
@@ -211,9 +231,9 @@ class PackedDecoder:
         if position_ids is None and attention_mask is not None:
             position_ids = attention_mask[:, :S].long().sum(-1) - 1
         if position_ids is None:
-            cos, sin = model.rope_cos[past], model.rope_sin[past]  # (hd,)
-        else:
-            cos, sin = model.rope_cos[position_ids, None, None], model.rope_sin[position_ids, None, None]
+            rotary = rotation_matrices(model.rope_cos[past], model.rope_sin[past])  # (hd, hd)
+        else:  # per row: (B, 1, hd, hd)
+            rotary = rotation_matrices(model.rope_cos[position_ids], model.rope_sin[position_ids])[:, None]
         mask = None if attention_mask is None else attention_mask[:, None, None, :S].bool()
 
         x = model.model.embed_tokens(ids)  # (B, n_embd)
@@ -221,12 +241,12 @@ class PackedDecoder:
             qkv = layer.qkv(rms_norm(layer.input_norm, x)).view(B, 1, n_head + 2 * n_kv, hd)
             if layer.q_norm is not None:
                 q, k, v = qkv.split([n_head, n_kv, n_kv], dim=2)
-                q, k = rotate(layer.q_norm(q), cos, sin), rotate(layer.k_norm(k), cos, sin)
+                q, k = layer.q_norm(q) @ rotary, layer.k_norm(k) @ rotary
             else:  # q and k side by side: one rotary for both
                 qk, v = qkv.split([n_head + n_kv, n_kv], dim=2)
-                q, k = rotate(qk, cos, sin).split([n_head, n_kv], dim=2)  # (B, 1, heads, hd)
+                q, k = (qk @ rotary).split([n_head, n_kv], dim=2)  # (B, 1, heads, hd)
             keys, values = cache.update(i, k.transpose(1, 2), v.transpose(1, 2))  # (B, n_kv, S, hd)
-            x = x + layer.o(one_query_attention(q, keys, values, mask))
+            x = x + layer.o(attention(q, keys, values, mask))
             gate, up = layer.gate_up(rms_norm(layer.post_attention_norm, x)).chunk(2, dim=-1)
             x = x + layer.down(nn.functional.silu(gate).mul_(up))
         cache.pos = S

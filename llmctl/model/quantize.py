@@ -266,13 +266,15 @@ class KernelWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        xb = (x if x.dim() == 2 else x.reshape(-1, self.in_features)).to(torch.bfloat16)
         if self.bits == 8:
             y = torch._weight_int8pack_mm(xb, self.codes, self.scale)
         else:
             y = torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.scales_and_zeros)
-            y = y[:, : self.out_features]
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+            if y.shape[1] != self.out_features:  # the kernel's padding rows
+                y = y[:, : self.out_features]
+        y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
         tensors = [self.codes, self.scale] if self.bits == 8 else [self.packed, self.scales_and_zeros]
