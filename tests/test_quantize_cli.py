@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,10 @@ def test_quantize_scores_both_models_measures_them_and_generate_loads_it(project
     assert metrics["decode_tok_s/b1/quantized"] > 0 and metrics["decode_tok_s/b8/source"] > 0
     folder = Path(doc["path"])
     assert (folder / "tokenizer.json").is_file()
-    assert '"quant_method": "compressed-tensors"' in (folder / "config.json").read_text()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    # int8 quantizes the output projection by default (untied), int4 keeps it (QuantizeConfig.lm_head)
+    assert config["quantization_config"]["ignore"] == [] and config["tie_word_embeddings"] is False
 
     generated = run_cli("generate", "The capital of", "--ckpt", "quantize:latest", "-n", "4", cwd=project)
     assert generated.code == 0, generated.stderr

@@ -53,10 +53,13 @@ class QuantizeConfig(Section):
         default=True,
         description="int4 only: false adds a zero point per group (range [min, max] instead of [-amax, amax]).",
     )
-    lm_head: bool = Field(
-        default=False,
+    lm_head: bool | None = Field(
+        default=None,
         description="Also quantize the output projection (untied from the embeddings when they are tied); "
-        "the embeddings always keep the source precision (decode reads one row of them per token).",
+        "the embeddings always keep the source precision (decode reads one row of them per token). "
+        "null: yes with bits 8, no with bits 4. Measured on SmolLM2-135M: int8 on it cost nothing "
+        "(+0.10% perplexity, +0.12% without), decoded 1.51x fp32 instead of 1.36x and left the decoder "
+        "an int8 copy of it instead of an fp32 one; int4 on it added 18 points of perplexity.",
     )
     calibration: CalibrationConfig = Field(
         default_factory=CalibrationConfig, description="Calibration data (gptq only)."
@@ -104,6 +107,11 @@ class QuantizeConfig(Section):
         default=None,
         description="Model to quantize (e.g. 'sft:latest'); null = the newest model in pipeline order.",
     )
+
+    @property
+    def quantize_lm_head(self) -> bool:
+        """lm_head as set, or by default with int8 only (see its description)."""
+        return self.lm_head if self.lm_head is not None else self.bits == 8
 
     @model_validator(mode="after")
     def _int8_is_per_channel(self) -> QuantizeConfig:

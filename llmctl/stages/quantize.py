@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     perplexity_data = _perplexity_data(cfg, tokens, ctx.project_dir)
     model, _ = load_model_folder(source.path, dtype=torch.float32)
     scheme = Q.QuantScheme(cfg.bits, None if cfg.bits == 8 else cfg.group_size, cfg.symmetric)
-    names = Q.target_names(model.config.n_layer, cfg.lm_head)
+    names = Q.target_names(model.config.n_layer, cfg.quantize_lm_head)
     if cfg.format == "compressed-tensors" and (error := Q.check_width(model, names, scheme)):
         raise InputError(
             f"{error}", hint="choose a group size that divides it (quantize.group_size: 32 or 64)"
@@ -87,7 +87,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             errors = Q.quantize_model(
                 model,
                 scheme,
-                lm_head=cfg.lm_head,
+                lm_head=cfg.quantize_lm_head,
                 method=cfg.method,
                 calibration=calibration,
                 damp=cfg.calibration.damp,
@@ -96,7 +96,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         reporter.log(
             f"quantized {len(names)} layers ({cfg.method}, {scheme.name}) in {time.perf_counter() - t0:.1f}s"
         )
-        ignore = [] if cfg.lm_head else ["lm_head"]
+        ignore = [] if cfg.quantize_lm_head else ["lm_head"]
         save_model_folder(
             model,
             out,
