@@ -19,10 +19,12 @@ from tests.test_model import VOCAB, make_model
 )
 @pytest.mark.parametrize("blocks", [1, 2, 3])  # 3 leaves qkv (256), o (128), head (320) padded
 @pytest.mark.parametrize("ragged", [False, True], ids=["even", "ragged"])
-def test_packed_step_equals_forward(overrides: dict, blocks: int, ragged: bool):
+# a few keys go through SDPA, 128 keys x rows and more through two bmms (decode.attention)
+@pytest.mark.parametrize("T", [6, 48], ids=["few-keys", "many-keys"])
+def test_packed_step_equals_forward(overrides: dict, blocks: int, ragged: bool, T: int):
     model = make_model(**overrides)
     decoder = PackedDecoder(model, blocks=blocks)
-    B, T, steps = 3, 6, 4
+    B, steps = 3, 4
     idx = torch.randint(0, VOCAB, (B, T))
     mask = None
     if ragged:  # rows of 6, 4 and 1 prompt tokens, left-padded, plus one slot per new token
