@@ -13,9 +13,9 @@ by llmctl.model.quantize, scored on the same text (the synthetic corpus, seed 7,
 of 512 tokens) through llmctl.evals' perplexity; GPTQ calibrated on other synthetic documents (seed
 11). Group size 64, not 128: SmolLM2's width 576 is 4.5 x 128, so g128 does not divide it (the
 quantize stage refuses it, as llm-compressor warns). The only SmolLM2 here is a Q4_1 GGUF (4-bit
-asymmetric blocks of 32): its weights already sit on a 4-bit grid, which int4 g32 asym reproduces
-and any other grid re-rounds, so the g64 rows show the cost of rounding twice, the g32 asym rows the
-cost of int4 on these weights. "+ lm_head" rows also quantize the output projection (untied from
+blocks of 32 with a float offset): its weights already sit on a 4-bit grid that none of ours
+reproduces (our asymmetric schemes store integer zero points, as compressed-tensors does), so every
+int4 row shows the cost of rounding twice, g32 asym the closest grid. "+ lm_head" rows also quantize the output projection (untied from
 the embeddings); the others keep it fp32, the stage's default. Decode: greedy, an 8-token prompt, exactly
 --tokens new tokens (no stop), tokens/s = new tokens / wall time of the call; every engine runs once
 per round, the order rotating, best round shown. Note `uptime` load beside the numbers: other

@@ -7,8 +7,13 @@ does not spread over more threads (2-core EPYC: 2 threads = 1 thread). Laid out 
 streams 20-30 GB/s; cut into S column blocks, stored (S, in, out/S), and run as one batched GEMM,
 the blocks go to different cores: 30-48 GB/s on 2 cores (benchmarks/bench_matvec.py), since two
 cores each stream their own share of the memory bandwidth. Fusing q/k/v and gate/up into one
-matrix each halves the calls. Together: the 124M model decodes 2.4-2.5x faster at batch 1 and
-1.6-1.7x at batch 8 than through `Transformer.forward` (benchmarks/bench_decode.py).
+matrix each halves the calls. Together: the 124M model decoded 2.4-2.5x faster at batch 1 and
+1.6-1.7x at batch 8 than through `Transformer.forward` when measured on a 2-core EPYC; 1.18x and
+1.25x on the 2-core Xeon the same benchmark ran on later (benchmarks/bench_decode.py).
+
+The rest of a step is op count, which the step keeps low: the rotary as one small matmul per layer
+(rotation matrices built once per step), F.rms_norm instead of the model's autograd norm, two
+bmms for one-query attention from 128 keys x rows on, and the blocked products read in place.
 
 A quantized model (QuantizedLinear layers, llmctl/model/quantize.py) decodes through torch's packed
 int8/int4 kernels instead (`QuantizedPackedLinear`: q/k/v and gate/up fused the same way), which read
@@ -55,6 +60,7 @@ class PackedLinear:
         weight = torch.cat([w.detach() for w in weights])  # (out, in)
         self.out_features, in_features = weight.shape
         pad = -self.out_features % blocks
+        self.padded = pad > 0
         if pad:
             weight = torch.cat([weight, weight.new_zeros(pad, in_features)])
         self.weight = weight.view(blocks, -1, in_features).transpose(1, 2).contiguous()
@@ -64,7 +70,7 @@ class PackedLinear:
         B = x.shape[0]
         y = self._blocks(x)  # (blocks, B, out/blocks)
         y = y.view(1, -1) if B == 1 else y.transpose(0, 1).reshape(B, -1)
-        if y.shape[1] != self.out_features:
+        if self.padded:
             y = y[:, : self.out_features]
         return y if self.bias is None else y + self.bias
 
@@ -72,11 +78,11 @@ class PackedLinear:
         return torch.bmm(x.expand(self.weight.shape[0], *x.shape), self.weight)
 
     # With several rows, (blocks, B, out/blocks) -> (B, out) is a copy of the output: these two
-    # read the blocks where they are (a tenth of a 32-row rollout step's time went to the copies).
+    # read the blocks where they are (the copies took ~4% of a 32-row SmolLM2 rollout, profiled).
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output's two halves (gate and up): with two unpadded blocks, each block as it is."""
-        if self.weight.shape[0] == 2 and self.bias is None and 2 * self.weight.shape[2] == self.out_features:
+        if self.weight.shape[0] == 2 and self.bias is None and not self.padded:
             y = self._blocks(x)
             return y[0], y[1]
         return self(x).chunk(2, dim=-1)
@@ -84,7 +90,7 @@ class PackedLinear:
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + self(x), adding the blocks in place of the (B, out) copy."""
         blocks, B = self.weight.shape[0], x.shape[0]
-        if B == 1 or blocks == 1 or self.bias is not None or blocks * self.weight.shape[2] != self.out_features:
+        if B == 1 or blocks == 1 or self.bias is not None or self.padded:
             return residual + self(x)
         return (residual.view(B, blocks, -1) + self._blocks(x).transpose(0, 1)).view(B, -1)
 

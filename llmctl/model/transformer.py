@@ -158,8 +158,6 @@ def apply_rotary(
     (3 ops instead of 7 for chunk/mul/cat: measured 3-10x faster forward+backward on CPU.)
     On CPU, RotaryFunction: roll is a copy through cat there (~1/3 of the rotary's time)."""
     if q.device.type == "cpu":
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            return rotate(q, cos, sin), rotate(k, cos, sin)
         return RotaryFunction.apply(q, k, cos, sin)
     half = q.shape[-1] // 2
     return tuple(
@@ -171,11 +169,6 @@ def _first_heads(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A rotary table (.., T, heads, hd) cut to x's heads (k has fewer under GQA); tables without a
     heads dim, or with one of size 1, broadcast as they are."""
     return table[..., : x.shape[-2], :] if table.dim() >= 3 else table
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotary of x (.., heads, hd) without autograd (inference): tables as in apply_rotary."""
-    return _rotate_halves(x, _first_heads(cos, x), _first_heads(sin, x), 1.0)
 
 
 def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
