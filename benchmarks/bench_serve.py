@@ -213,6 +213,7 @@ def main() -> None:
     # 1 by default: on 2 shared cores, 2 OpenMP threads made runs several times slower (bench_rollout.py).
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--port", type=int, default=8411)
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="llmctl serve's --prefill-chunk")
     ap.add_argument("--no-transformers", action="store_true", help="skip `transformers serve`")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-bench-serve")
     args = ap.parse_args()
@@ -228,6 +229,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     ours = [sys.executable, "-m", "llmctl", "serve", "--ckpt", str(folder), "--port", str(args.port),
             "--model-name", "m", "--threads", str(args.threads)]  # fmt: skip
+    if args.prefill_chunk is not None:
+        ours += ["--prefill-chunk", str(args.prefill_chunk)]
     rows = bench_server("llmctl serve", ours, url, "m", args, env, args.workdir)
     if not args.no_transformers:
         hf = ["transformers", "serve", str(folder), "--continuous-batching", "--device", "cpu", "--dtype", "float32",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmctl.model.decode import PackedDecoder, packing_pays_off
+from llmctl.model.decode import ONEDNN, PackedDecoder, packing_pays_off
 from llmctl.model.engine import Engine, SamplingParams
 from llmctl.model.transformer import KVCache
 from tests.test_model import VOCAB, make_model
@@ -17,13 +17,17 @@ from tests.test_model import VOCAB, make_model
     [{}, {"attention_bias": True, "tie_embeddings": False}, {"qk_norm": True}],
     ids=["gqa-tied", "bias-untied", "qk-norm"],
 )
-@pytest.mark.parametrize("blocks", [1, 2, 3])  # 3 leaves qkv (256), o (128), head (320) padded
+# column blocks (3 leaves qkv (256), o (128), head (320) padded), and oneDNN's layout for every row
+@pytest.mark.parametrize(
+    "layout", [(1, 99), (2, 99), (3, 99), (2, 1)], ids=["blocks1", "blocks2", "blocks3", "onednn"]
+)
 @pytest.mark.parametrize("ragged", [False, True], ids=["even", "ragged"])
 # a few keys go through SDPA, 128 keys x rows and more through two bmms (decode.attention)
 @pytest.mark.parametrize("T", [6, 48], ids=["few-keys", "many-keys"])
-def test_packed_step_equals_forward(overrides: dict, blocks: int, ragged: bool, T: int):
+def test_packed_step_equals_forward(overrides: dict, layout: tuple[int, int], ragged: bool, T: int):
     model = make_model(**overrides)
-    decoder = PackedDecoder(model, blocks=blocks)
+    blocks, onednn_rows = layout
+    decoder = PackedDecoder(model, blocks=blocks, onednn_rows=onednn_rows)
     B, steps = 3, 4
     idx = torch.randint(0, VOCAB, (B, T))
     mask = None
@@ -42,6 +46,8 @@ def test_packed_step_equals_forward(overrides: dict, blocks: int, ragged: bool, 
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             ids = expected.argmax(-1)
     assert ours.pos == theirs.pos == T + steps
+    built = [p._onednn is not None for p in (decoder.layers[0].qkv, decoder.lm_head)]
+    assert built == [ONEDNN and onednn_rows <= B] * 2  # the layout the step was meant to take
     torch.testing.assert_close(ours.k, theirs.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.v, theirs.v, atol=1e-5, rtol=1e-5)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llmctl.model.engine import Engine, SamplingParams
-from llmctl.model.scheduler import RowEvent, Scheduler
+from llmctl.model.scheduler import RowEvent, Scheduler, SlotCache
+from llmctl.model.transformer import KVCache
 from tests.test_model import make_model
 
 # Ragged prompts; the 23-token one is prefilled in chunks of 8 over 3 steps, between decode steps.
@@ -65,6 +66,74 @@ def test_greedy_requests_arriving_at_different_steps_equal_each_alone(model, pac
         assert tokens(evs) == alone.tokens, j
         assert "".join(e.text for e in evs) == alone.text
         assert evs[-1].finish_reason == alone.finish_reason == "length"
+
+
+def test_whole_prompts_prefilled_in_one_forward_equal_each_alone(model):
+    """Prompts that fit one step's budget share one right-padded forward; each still gets exactly
+    what it gets alone (the padding after a prompt is invisible to it under causal attention)."""
+    engine = Engine(model, decode=letters)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[5]]  # 7, 2, 4 and 5 tokens
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    scheduler = Scheduler(engine, max_rows=8, prefill_chunk=64)
+    events: list[list[RowEvent]] = [[] for _ in prompts]
+    for j, prompt in enumerate(prompts):
+        scheduler.submit(prompt, params, on_event=events[j].append)
+    prefills = []
+    hook = model.register_forward_hook(lambda m, args, out: prefills.append(args[0].shape))
+    try:
+        scheduler.step()
+    finally:
+        hook.remove()
+    assert prefills == [(4, 7)] and all(events)  # all four started in the first step
+    while scheduler.busy:
+        scheduler.step()
+    for j, prompt in enumerate(prompts):
+        [alone] = engine.generate([prompt], params)
+        assert tokens(events[j]) == alone.tokens, j
+
+
+def test_a_shared_prefix_is_computed_once_and_kept_for_later_requests(model):
+    """Chat traffic shares a system prompt: its keys and values are computed once per step's batch
+    and kept, so a later request computes only its own tokens; outputs still equal each alone."""
+    engine = Engine(model, decode=letters)
+    system = list(range(200, 240))  # 40 tokens every prompt starts with
+    prompts = [system + [5, 6, 7], system + [3], system + [9, 8, 7, 6], system + [11, 12]]
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    scheduler = Scheduler(engine, max_rows=8)
+    events: list[list[RowEvent]] = [[] for _ in prompts]
+    forwards = []  # the model's forward runs prefills only (decode steps go through the packed copy)
+    hook = model.register_forward_hook(lambda m, args, out: forwards.append(tuple(args[0].shape)))
+    try:
+        for j in range(3):
+            scheduler.submit(prompts[j], params, on_event=events[j].append)
+        scheduler.step()
+        assert forwards == [(1, 40), (3, 4)]  # the prefix once, then the three suffixes together
+        scheduler.submit(prompts[3], params, on_event=events[3].append)
+        scheduler.step()
+        assert forwards[2:] == [(1, 2)]  # the kept prefix: only the request's own two tokens
+    finally:
+        hook.remove()
+    while scheduler.busy:
+        scheduler.step()
+    for j, prompt in enumerate(prompts):
+        [alone] = engine.generate([prompt], params)
+        assert tokens(events[j]) == alone.tokens, j
+    without = Scheduler(engine, max_rows=8, prefix_entries=0)
+    events_without: list[RowEvent] = []
+    without.submit(prompts[3], params, on_event=events_without.append)
+    while without.busy:
+        without.step()
+    assert tokens(events_without) == tokens(events[3])
+
+
+def test_the_slot_cache_grows_only_the_dimension_that_is_short(model):
+    """A burst of requests adds rows one by one: the positions must not double with every row."""
+    cache = SlotCache(Engine(model))
+    with torch.inference_mode():  # as the scheduler's steps run
+        prompt_kv = KVCache(model.config, 1, 10)
+        for _ in range(16):
+            cache.add(prompt_kv, 0, 10, 1)
+    assert cache.capacity == (16, 64)
 
 
 def test_each_request_samples_what_it_samples_alone(model):

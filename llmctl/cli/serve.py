@@ -61,11 +61,19 @@ def serve(
         int,
         typer.Option(
             "--prefill-chunk",
-            help="Most prompt tokens prefilled between two decode steps: lower keeps running streams "
-            "smooth (a CPU prefills 128 tokens in about the time of a few decode steps), higher starts "
-            "new requests sooner.",
+            help="Most prompt tokens prefilled between two decode steps (whole prompts that fit go "
+            "through one batched forward): lower keeps running streams smooth (a CPU prefills 128 "
+            "tokens in about the time of a few decode steps), higher starts new requests sooner.",
         ),
-    ] = 128,
+    ] = 512,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Compute a prompt prefix shared by requests (a system prompt) once and keep it for "
+            "later ones (outputs equal up to float rounding).",
+        ),
+    ] = True,
     max_body_kb: Annotated[
         int, typer.Option("--max-body-kb", help="Largest request body; more gets 413.")
     ] = 1024,
@@ -118,6 +126,7 @@ def serve(
         max_rows=max_num_seqs,
         kv_tokens=kv_tokens,
         prefill_chunk=prefill_chunk,
+        prefix_cache=prefix_cache,
         max_queue=max_queue,
         max_body_bytes=max_body_kb * 1024,
         drain_timeout=drain_timeout,

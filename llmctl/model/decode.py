@@ -10,6 +10,9 @@ cores each stream their own share of the memory bandwidth. Fusing q/k/v and gate
 matrix each halves the calls. Together: the 124M model decoded 2.4-2.5x faster at batch 1 and
 1.6-1.7x at batch 8 than through `Transformer.forward` when measured on a 2-core EPYC; 1.18x and
 1.25x on the 2-core Xeon the same benchmark ran on later (benchmarks/bench_decode.py).
+From 4 rows on (a server's batch, an RL rollout), oneDNN's linear over its own reordered copy of
+the weights beats the column blocks on that Xeon (SmolLM2-135M's matrices streamed as in a step,
+one thread: 76 vs 105 ms at 8 rows, 130 vs 147 ms at 32); each layout is built when first needed.
 
 The rest of a step is op count, which the step keeps low: the rotary as one small matmul per layer
 (rotation matrices built once per step), F.rms_norm instead of the model's autograd norm, two
@@ -52,21 +55,78 @@ def packing_pays_off(model: Transformer) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-class PackedLinear:
-    """y = x @ cat(weights).T + bias for x (B, in): the weights (out_i, in) concatenated along
-    out, zero-padded to a multiple of `blocks` and stored as (blocks, in, out/blocks)."""
+# oneDNN's linear over a weight reordered once into its own blocked layout: with 4 rows or more it
+# beat the column blocks below by 1.2-1.6x at 1 and 2 threads (SmolLM2-135M's shapes, weights
+# streamed from memory as in a real step: benchmarks/bench_matvec.py); with 1 or 2 rows it lost.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_MIN_ROWS = 4
 
-    def __init__(self, weights: list[torch.Tensor], bias: list[torch.Tensor] | None, blocks: int):
-        weight = torch.cat([w.detach() for w in weights])  # (out, in)
-        self.out_features, in_features = weight.shape
-        pad = -self.out_features % blocks
-        self.padded = pad > 0
-        if pad:
-            weight = torch.cat([weight, weight.new_zeros(pad, in_features)])
-        self.weight = weight.view(blocks, -1, in_features).transpose(1, 2).contiguous()
+
+class PackedLinear:
+    """y = x @ cat(weights).T + bias for x (B, in), in whichever of two layouts is faster for B:
+
+    - column blocks: the weights (out_i, in) concatenated along out, zero-padded to a multiple of
+      `blocks` and stored as (blocks, in, out/blocks), one bmm (few rows);
+    - oneDNN's reordered weight, one linear (from `onednn_rows` rows on, where oneDNN is built in).
+
+    Each layout is built the first time a step needs it, so a batch-1 generate never holds the
+    oneDNN copy and a 32-row rollout never holds the blocked one."""
+
+    def __init__(
+        self,
+        weights: list[torch.Tensor],
+        bias: list[torch.Tensor] | None,
+        blocks: int,
+        onednn_rows: int = ONEDNN_MIN_ROWS,
+    ):
+        self.sources = [w.detach() for w in weights]  # the model's own tensors: no copy until needed
+        self.out_features = sum(w.shape[0] for w in weights)
+        self.blocks = blocks
+        self.padded = self.out_features % blocks != 0
+        self.onednn_rows = onednn_rows if ONEDNN else None
         self.bias = torch.cat([b.detach() for b in bias]) if bias is not None else None
+        self._blocked: torch.Tensor | None = None
+        self._onednn: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The column blocks (blocks, in, out/blocks)."""
+        if self._blocked is None:
+            weight = torch.cat(self.sources)  # (out, in)
+            if self.padded:
+                pad = -self.out_features % self.blocks
+                weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
+            self._blocked = weight.view(self.blocks, -1, weight.shape[1]).transpose(1, 2).contiguous()
+        return self._blocked
+
+    def nbytes(self) -> int:
+        """Bytes of the layouts built so far."""
+        return sum(t.numel() * t.element_size() for t in (self._blocked, self._onednn) if t is not None)
+
+    def _uses_onednn(self, x: torch.Tensor) -> bool:
+        return self.onednn_rows is not None and x.shape[0] >= self.onednn_rows
+
+    def prepare(self, max_rows: int) -> None:
+        """Build now every layout that steps of up to `max_rows` rows take."""
+        self.weight  # noqa: B018 (the property builds it)
+        if self.onednn_rows is not None and max_rows >= self.onednn_rows:
+            self._onednn_weight()
+
+    def _onednn_weight(self) -> torch.Tensor:
+        if self._onednn is None:
+            self._onednn = torch.ops.mkldnn._reorder_linear_weight(torch.cat(self.sources))
+        return self._onednn
+
+    def _linear(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """oneDNN's linear (plus `residual`, fused into the product's epilogue)."""
+        weight = self._onednn_weight()
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, self.bias, "add")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._uses_onednn(x):
+            return self._linear(x)
         B = x.shape[0]
         y = self._blocks(x)  # (blocks, B, out/blocks)
         y = y.view(1, -1) if B == 1 else y.transpose(0, 1).reshape(B, -1)
@@ -82,14 +142,16 @@ class PackedLinear:
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output's two halves (gate and up): with two unpadded blocks, each block as it is."""
-        if self.weight.shape[0] == 2 and self.bias is None and not self.padded:
+        if not self._uses_onednn(x) and self.blocks == 2 and self.bias is None and not self.padded:
             y = self._blocks(x)
             return y[0], y[1]
         return self(x).chunk(2, dim=-1)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + self(x), adding the blocks in place of the (B, out) copy."""
-        blocks, B = self.weight.shape[0], x.shape[0]
+        """residual + self(x), without a separate copy of the product."""
+        if self._uses_onednn(x):
+            return self._linear(x, residual)
+        blocks, B = self.blocks, x.shape[0]
         if B == 1 or blocks == 1 or self.bias is not None or self.padded:
             return residual + self(x)
         return (residual.view(B, blocks, -1) + self._blocks(x).transpose(0, 1)).view(B, -1)
@@ -103,6 +165,12 @@ class QuantizedPackedLinear:
         self.kernel = KernelWeight(QuantizedWeight.cat([m.quantized_weight() for m in layers]))
         bias = [m.bias for m in layers]
         self.bias = None if bias[0] is None else torch.cat([b.detach() for b in bias])
+
+    def nbytes(self) -> int:
+        return self.kernel.nbytes()
+
+    def prepare(self, max_rows: int) -> None:
+        """Nothing to build: the kernel's layout is made with the object."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.kernel(x)
@@ -118,13 +186,13 @@ class QuantizedPackedLinear:
 Packed = PackedLinear | QuantizedPackedLinear
 
 
-def pack_linears(layers: list[nn.Module], blocks: int) -> Packed:
+def pack_linears(layers: list[nn.Module], blocks: int, onednn_rows: int = ONEDNN_MIN_ROWS) -> Packed:
     """One fused packed product for nn.Linear layers, or for QuantizedLinear layers of one scheme."""
     if isinstance(layers[0], QuantizedLinear):
         assert all(isinstance(m, QuantizedLinear) and m.scheme == layers[0].scheme for m in layers), layers
         return QuantizedPackedLinear(layers)
     bias = [m.bias for m in layers] if layers[0].bias is not None else None
-    return PackedLinear([m.weight for m in layers], bias, blocks)
+    return PackedLinear([m.weight for m in layers], bias, blocks, onednn_rows)
 
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +214,9 @@ def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return rotation
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """Decode attention, (B, n_head * hd): SDPA for a handful of keys, where its flash kernel's
     setup is cheap, two batched matmuls (one_query_attention) from 128 keys x rows on, where they
     were measured up to 2.8x faster (batch 8 x 128 keys)."""
@@ -192,25 +262,28 @@ class PackedDecoder:
     """One-token-per-row forward of a Transformer through packed weights; equals
     `model(ids[:, None], cache=..., ...)[:, -1]` up to fp32 rounding (tests/test_decode.py)."""
 
-    def __init__(self, model: Transformer, blocks: int | None = None):
+    def __init__(self, model: Transformer, blocks: int | None = None, onednn_rows: int = ONEDNN_MIN_ROWS):
+        """`blocks`: column blocks of the few-row layout (default: one per thread); `onednn_rows`:
+        the fewest rows that go through oneDNN's layout instead (PackedLinear)."""
         self.model = model
         self.blocks = blocks or max(1, torch.get_num_threads())
+        self.onednn_rows = onednn_rows
         self._signature = self._weights_signature()
         with torch.no_grad():
             self.layers = [self._pack_block(block) for block in model.model.layers]
-            self.lm_head = pack_linears([model.lm_head], self.blocks)
+            self.lm_head = pack_linears([model.lm_head], self.blocks, onednn_rows)
 
     def _pack_block(self, block: nn.Module) -> PackedLayer:
         attn, mlp = block.self_attn, block.mlp
         return PackedLayer(
             input_norm=block.input_layernorm,
-            qkv=pack_linears([attn.q_proj, attn.k_proj, attn.v_proj], self.blocks),
+            qkv=pack_linears([attn.q_proj, attn.k_proj, attn.v_proj], self.blocks, self.onednn_rows),
             q_norm=attn.q_norm if attn.qk_norm else None,
             k_norm=attn.k_norm if attn.qk_norm else None,
-            o=pack_linears([attn.o_proj], self.blocks),
+            o=pack_linears([attn.o_proj], self.blocks, self.onednn_rows),
             post_attention_norm=block.post_attention_layernorm,
-            gate_up=pack_linears([mlp.gate_proj, mlp.up_proj], self.blocks),
-            down=pack_linears([mlp.down_proj], self.blocks),
+            gate_up=pack_linears([mlp.gate_proj, mlp.up_proj], self.blocks, self.onednn_rows),
+            down=pack_linears([mlp.down_proj], self.blocks, self.onednn_rows),
         )
 
     def _weights_signature(self) -> tuple:
@@ -234,13 +307,18 @@ class PackedDecoder:
     def nbytes(self) -> int:
         """Bytes of the packed copies (the memory decoding adds to the model's own)."""
 
-        def size(p: Packed) -> int:
-            if isinstance(p, QuantizedPackedLinear):
-                return p.kernel.nbytes()
-            return p.weight.numel() * p.weight.element_size()
+        return sum(p.nbytes() for p in self._products())
 
-        packed = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        return sum(size(p) for p in [*packed, self.lm_head])
+    def _products(self) -> list[Packed]:
+        layers = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return [*layers, self.lm_head]
+
+    def prepare(self, max_rows: int) -> None:
+        """Build the layouts that steps of up to `max_rows` rows take now (a server at start-up),
+        instead of at the first step that needs each."""
+        with torch.no_grad():
+            for product in self._products():
+                product.prepare(max_rows)
 
     def is_current(self) -> bool:
         """False once any parameter was replaced or updated in place since packing."""

@@ -30,7 +30,8 @@ class ServeOptions:
     api_key: str | None = None
     max_rows: int = 32
     kv_tokens: int | None = None
-    prefill_chunk: int = 128
+    prefill_chunk: int = 512
+    prefix_cache: bool = True
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 30.0
@@ -61,6 +62,7 @@ def serve(loaded: Any, options: ServeOptions, log: Callable[[str], None]) -> Non
         max_rows=options.max_rows,
         kv_tokens=options.kv_tokens,
         prefill_chunk=options.prefill_chunk,
+        prefix_entries=8 if options.prefix_cache else 0,
     )
     state = ServeState(
         loaded,
