@@ -114,7 +114,10 @@ class PackedLinear:
 
     def _onednn_weight(self) -> torch.Tensor:
         if self._onednn is None:
-            self._onednn = torch.ops.mkldnn._reorder_linear_weight(torch.cat(self.sources))
+            # The reorder reads the model's tensor itself where there is one: an RL rollout rebuilds
+            # this after every optimizer step, and the cat's copy was half of that rebuild.
+            source = self.sources[0] if len(self.sources) == 1 else torch.cat(self.sources)
+            self._onednn = torch.ops.mkldnn._reorder_linear_weight(source)
         return self._onednn
 
     def _linear(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
