@@ -214,6 +214,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--port", type=int, default=8411)
     ap.add_argument("--prefill-chunk", type=int, default=None, help="llmctl serve's --prefill-chunk")
+    ap.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="llmctl serve without its prefix cache (the prompts share a system prompt)",
+    )
     ap.add_argument("--no-transformers", action="store_true", help="skip `transformers serve`")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-bench-serve")
     args = ap.parse_args()
@@ -231,6 +236,8 @@ def main() -> None:
             "--model-name", "m", "--threads", str(args.threads)]  # fmt: skip
     if args.prefill_chunk is not None:
         ours += ["--prefill-chunk", str(args.prefill_chunk)]
+    if args.no_prefix_cache:
+        ours.append("--no-prefix-cache")
     rows = bench_server("llmctl serve", ours, url, "m", args, env, args.workdir)
     if not args.no_transformers:
         hf = ["transformers", "serve", str(folder), "--continuous-batching", "--device", "cpu", "--dtype", "float32",

@@ -152,3 +152,38 @@ def test_sigterm_during_dedup_stops_promptly_with_no_workers_left(big_project):
     assert proc.returncode == 130, stderr
     assert not [k for k in kids if _alive(k)]
     assert not list((big_project / "workspace" / "artifacts").glob("dedup/v*"))
+
+
+KILL_MID_SEND = """
+import sys, time
+from pathlib import Path
+from llmctl.data.workers import worker_pool
+
+def big(n):
+    return b"x" * n
+
+if __name__ == "__main__":
+    pool = worker_pool(2, "fork", stage="dedup")
+    futures = [pool.submit(big, 200_000_000) for _ in range(2)]
+    pids = list(pool._executor._processes)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until a worker is blocked writing its result into the pipe
+        if any(Path(f"/proc/{p}/wchan").read_text().endswith("pipe_write") for p in pids):
+            break
+        time.sleep(0.001)
+    else:
+        sys.exit("no worker was seen sending its result")
+    pool.close(kill=True)
+    print("closed")
+"""
+
+
+def test_killing_workers_while_one_sends_its_result_does_not_hang_the_pool(tmp_path):
+    """An interrupt kills the workers; one killed half-way through sending a result used to leave the
+    executor's thread waiting for the rest of that message forever (a SIGTERM'd dedup hung)."""
+    script = tmp_path / "kill_mid_send.py"
+    script.write_text(KILL_MID_SEND)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "closed", proc.stderr

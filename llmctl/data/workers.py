@@ -133,8 +133,18 @@ class WorkerPool:
         if kill:
             # ProcessPoolExecutor has no public way to stop running tasks before Python 3.14
             # (terminate_workers); without this an interrupt would wait for every running task.
-            for proc in list((getattr(ex, "_processes", None) or {}).values()):
+            processes = list((getattr(ex, "_processes", None) or {}).values())
+            for proc in processes:
                 proc.kill()
+            for proc in processes:
+                proc.join()
+            # A worker killed while sending its result leaves half a message in the result pipe,
+            # and the executor's thread then waits in recv() forever: this process holds the pipe's
+            # write end too (CPython 3.11). Closing that end turns the wait into EOF, which the
+            # executor handles as a broken pool (seen: a SIGTERM'd dedup hung in shutdown below).
+            writer = getattr(getattr(ex, "_result_queue", None), "_writer", None)
+            if writer is not None:
+                writer.close()
         ex.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> WorkerPool:
