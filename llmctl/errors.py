@@ -6,6 +6,8 @@ Exit codes are a contract: 0 ok, 1 failure, 2 usage/config/input error, 130 inte
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 
 class LlmctlError(Exception):
     """Base class: a message for people, an exit code for scripts, an optional fix."""
@@ -50,3 +52,23 @@ class Interrupted(LlmctlError):
     """The run was interrupted (SIGINT/SIGTERM); resumable state was saved where possible."""
 
     exit_code = 130
+
+
+_signals_received: list[str] = []
+
+
+def interrupt(signal_name: str) -> NoReturn:
+    """Raise Interrupted for a signal (from the main thread's signal handler) and remember it.
+
+    Python runs a signal handler wherever the main thread happens to be; when that is a callback
+    whose exceptions Python only prints ("Exception ignored in": an at-fork hook, __del__), the
+    Interrupted is lost and the run would go on to publish. `raise_if_interrupted` raises it again
+    at the next safe point (a worker result, the end of a stage before publishing)."""
+    _signals_received.append(signal_name)
+    raise Interrupted(f"interrupted by {signal_name}")
+
+
+def raise_if_interrupted() -> None:
+    """Raise Interrupted if a signal arrived in this process (see `interrupt`)."""
+    if _signals_received:
+        raise Interrupted(f"interrupted by {_signals_received[0]}")

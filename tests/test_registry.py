@@ -59,6 +59,12 @@ def run(ctx):
                         ignore=shutil.ignore_patterns("manifest.json"))
         return {"from": ctx.input_ids["model"]}
     (ctx.output_dir / "out.txt").write_text(ctx.project.toy.greeting)
+    if ctx.project.toy.greeting == "swallowed":  # a signal handled where its exception was lost
+        from llmctl.errors import Interrupted, interrupt
+        try:
+            interrupt("SIGTERM")
+        except Interrupted:
+            pass
     return {"chars": len(ctx.project.toy.greeting)}
 '''
 
@@ -102,6 +108,15 @@ def test_a_plugin_stage_gets_command_schema_run_and_completion(tmp_path, plugin_
     monkeypatch.setenv("PYTHONPATH", plugin_path)
     assert _bash_complete(project, "llmctl", "run", "--from", "to") == ["tokenize", "toy", "toytrain"]
     assert _bash_complete(project, "llmctl", "toy") == ["toy", "toytrain"]
+
+
+def test_a_stage_that_got_a_signal_never_publishes_even_if_its_exception_was_swallowed(tmp_path, plugin_path):
+    """The runner checks for a received signal before publishing: an Interrupted raised inside a
+    callback whose errors Python only prints (an at-fork hook) must not let the run publish."""
+    project = write_project(tmp_path / "p", "toy:\n  greeting: swallowed\n")
+    ran = _cli(plugin_path, "toy", cwd=project)
+    assert ran.code == 130 and "interrupted" in ran.stderr, ran.stderr
+    assert not list((project / "workspace" / "artifacts").glob("toy/v*"))
 
 
 @pytest.fixture(scope="module")

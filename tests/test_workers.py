@@ -187,3 +187,47 @@ def test_killing_workers_while_one_sends_its_result_does_not_hang_the_pool(tmp_p
         [sys.executable, str(script)], env=cli_env(), capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "closed", proc.stderr
+
+
+SWALLOWED_SIGTERM = """
+import os, signal
+import llmctl.cli.app as app
+from llmctl.data.workers import worker_pool
+from llmctl.errors import Interrupted
+
+app._MAIN_PID = os.getpid()
+signal.signal(signal.SIGTERM, app._raise_interrupted)  # as `llmctl` installs it
+fired = []
+
+def after_fork_in_parent():
+    if not fired:
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, in a hook whose exceptions Python only prints
+            pass
+
+os.register_at_fork(after_in_parent=after_fork_in_parent)
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    try:
+        with worker_pool(2, "fork", stage="dedup") as pool:
+            results = list(pool.ordered(square, [(i,) for i in range(50)], window=4))
+        print("finished", len(results))
+    except Interrupted as e:
+        print("stopped:", e)
+"""
+
+
+def test_a_sigterm_that_arrives_while_a_worker_forks_still_stops_the_pool(tmp_path):
+    """Seen: a SIGTERM handled inside a library's at-fork hook was printed as "Exception ignored"
+    and dedup went on to publish; the pool must still stop at its next result."""
+    script = tmp_path / "swallowed.py"
+    script.write_text(SWALLOWED_SIGTERM)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert "Exception ignored" in proc.stderr  # the handler's exception was lost where it was raised
+    assert proc.stdout.strip() == "stopped: interrupted by SIGTERM", (proc.stdout, proc.stderr)

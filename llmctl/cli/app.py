@@ -33,7 +33,7 @@ from llmctl.cli import (
 from llmctl.cli.completion import COMPLETE_VAR, SHELLS, completion_script, prepare_completion
 from llmctl.cli.error_mapping import context_from_argv, environment_error, usage_error
 from llmctl.cli.options import CliState
-from llmctl.errors import Interrupted, LlmctlError
+from llmctl.errors import LlmctlError, interrupt
 from llmctl.threads import set_thread_budget
 
 HELP_OPTION_NAMES = ["-h", "--help"]
@@ -155,7 +155,7 @@ def _raise_interrupted(signum: int, frame: object) -> None:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+    interrupt(signal.Signals(signum).name)
 
 
 def json_requested(argv: list[str]) -> bool:

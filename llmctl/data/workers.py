@@ -31,7 +31,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from llmctl.errors import StageFailed
+from llmctl.errors import StageFailed, raise_if_interrupted
 
 _PR_SET_PDEATHSIG = 1
 _WATCHDOG_SECONDS = 0.5
@@ -114,8 +114,10 @@ class WorkerPool:
             pending.append(self.submit(fn, *task))
             if len(pending) >= window:
                 yield self.result(pending.popleft())
+                raise_if_interrupted()
         while pending:
             yield self.result(pending.popleft())
+            raise_if_interrupted()
 
     def _died(self) -> StageFailed:
         return StageFailed(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl import __version__
-from llmctl.errors import ConfigError, InputError, Interrupted, LlmctlError
+from llmctl.errors import ConfigError, InputError, Interrupted, LlmctlError, raise_if_interrupted
 from llmctl.reporting import Reporter
 from llmctl.stages.context import StageContext
 from llmctl.stages.limits import check_limits
@@ -380,6 +380,7 @@ def _execute(
         if on_start is not None:
             on_start(ctx)
         metrics = run(ctx)
+        raise_if_interrupted()  # a signal whose exception some callback swallowed: never publish
     except (KeyboardInterrupt, Interrupted):
         _record_end(workspace, run_dir, stage, status="interrupted", error="interrupted")
         raise Interrupted(
