@@ -1,8 +1,9 @@
 """Why decode steps use packed weights: weight-streaming speed of few-row products on this CPU.
 
 For each weight shape of the 124M preset (and its lm_head), the effective GB/s of y = x @ W.T with
-x (B, in), three ways: `F.linear` on the row-major (out, in) `nn.Linear` weight; the weight stored
-(in, out); and llmctl's PackedLinear (column blocks (blocks, in, out/blocks) as one bmm, see
+x (B, in), four ways: `F.linear` on the row-major (out, in) `nn.Linear` weight; the weight stored
+(in, out); llmctl's PackedLinear column blocks (blocks, in, out/blocks) as one bmm; and PackedLinear's
+other layout, oneDNN's reordered weight (which decode steps of 4 rows or more take, see
 llmctl/model/decode.py). Each case cycles over enough copies of the weight (>= 64 MB) that caches
 do not help, as in a real decode step.
 
@@ -52,8 +53,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"effective weight streaming, GB/s, fp32, {args.threads} threads")
-    print(f"{'batch':>5} | {'weight (out x in)':>17} | {'F.linear':>8} | {'(in, out)':>9} | {'packed':>6}")
-    print("-" * 60)
+    print(
+        f"{'batch':>5} | {'weight (out x in)':>17} | {'F.linear':>8} | {'(in, out)':>9} | {'packed':>6} | {'oneDNN':>6}"
+    )
+    print("-" * 69)
     for B in (int(b) for b in args.batch_sizes.split(",")):
         for out, inp in SHAPES:
             copies = max(1, int(64e6 // (out * inp * 4)))
@@ -61,15 +64,18 @@ def main() -> None:
             x = torch.randn(B, inp)
             row_major = cycling(weights)
             col_major = cycling([w.t().contiguous() for w in weights])
-            packed = cycling([PackedLinear([w], None, args.threads) for w in weights])
+            packed = cycling([PackedLinear([w], None, args.threads, onednn_rows=1 << 30) for w in weights])
+            onednn = cycling([PackedLinear([w], None, args.threads, onednn_rows=1) for w in weights])
             nbytes = out * inp * 4
             speeds = [
                 gbps(F.linear, x, row_major, nbytes),
                 gbps(torch.matmul, x, col_major, nbytes),
                 gbps(lambda x, linear: linear(x), x, packed, nbytes),
+                gbps(lambda x, linear: linear(x), x, onednn, nbytes),
             ]
             print(
-                f"{B:>5} | {f'{out} x {inp}':>17} | {speeds[0]:>8.1f} | {speeds[1]:>9.1f} | {speeds[2]:>6.1f}"
+                f"{B:>5} | {f'{out} x {inp}':>17} | {speeds[0]:>8.1f} | {speeds[1]:>9.1f} | {speeds[2]:>6.1f} | "
+                f"{speeds[3]:>6.1f}"
             )
 
 

@@ -55,9 +55,10 @@ def packing_pays_off(model: Transformer) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-# oneDNN's linear over a weight reordered once into its own blocked layout: with 4 rows or more it
-# beat the column blocks below by 1.2-1.6x at 1 and 2 threads (SmolLM2-135M's shapes, weights
-# streamed from memory as in a real step: benchmarks/bench_matvec.py); with 1 or 2 rows it lost.
+# oneDNN's linear over a weight reordered once into its own blocked layout: from 4 rows on it beat
+# the column blocks below by 1.1-1.4x at 1 and 2 threads (SmolLM2-135M's 121 matrices in turn, as
+# in a step, so they stream from memory; the oneDNN column of benchmarks/bench_matvec.py); at 1 row
+# it lost (27.5 vs 42.8 ms a step on 2 threads), at 2-3 rows it was within noise.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_MIN_ROWS = 4
 
