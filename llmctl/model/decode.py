@@ -12,7 +12,8 @@ matrix each halves the calls. Together: the 124M model decoded 2.4-2.5x faster a
 1.25x on the 2-core Xeon the same benchmark ran on later (benchmarks/bench_decode.py).
 From 4 rows on (a server's batch, an RL rollout), oneDNN's linear over its own reordered copy of
 the weights beats the column blocks on that Xeon (SmolLM2-135M's matrices streamed as in a step,
-one thread: 76 vs 105 ms at 8 rows, 130 vs 147 ms at 32); each layout is built when first needed.
+one thread, min of 7 alternating rounds: 74 vs 104 ms a step at 8 rows, 120 vs 142 ms at 32); each
+layout is built when first needed.
 
 The rest of a step is op count, which the step keeps low: the rotary as one small matmul per layer
 (rotation matrices built once per step), F.rms_norm instead of the model's autograd norm, two
@@ -56,9 +57,10 @@ def packing_pays_off(model: Transformer) -> bool:
 
 
 # oneDNN's linear over a weight reordered once into its own blocked layout: from 4 rows on it beat
-# the column blocks below by 1.1-1.4x at 1 and 2 threads (SmolLM2-135M's 121 matrices in turn, as
-# in a step, so they stream from memory; the oneDNN column of benchmarks/bench_matvec.py); at 1 row
-# it lost (27.5 vs 42.8 ms a step on 2 threads), at 2-3 rows it was within noise.
+# the column blocks below by 1.1-1.4x a step at 1 and 2 threads (SmolLM2-135M's 121 matrices run in
+# turn as a step runs them, min of 7 alternating rounds; per shape: the oneDNN column of
+# benchmarks/bench_matvec.py); at 1 row it lost (27.5 vs 42.8 ms a step on 2 threads), at 2-3 rows
+# it was within noise.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_MIN_ROWS = 4
 
@@ -89,9 +91,8 @@ class PackedLinear:
         self._blocked: torch.Tensor | None = None
         self._onednn: torch.Tensor | None = None
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The column blocks (blocks, in, out/blocks)."""
+    def blocked_weight(self) -> torch.Tensor:
+        """The column blocks (blocks, in, out/blocks), built on first use."""
         if self._blocked is None:
             weight = torch.cat(self.sources)  # (out, in)
             if self.padded:
@@ -109,7 +110,7 @@ class PackedLinear:
 
     def prepare(self, max_rows: int) -> None:
         """Build now every layout that steps of up to `max_rows` rows take."""
-        self.weight  # noqa: B018 (the property builds it)
+        self.blocked_weight()
         if self.onednn_rows is not None and max_rows >= self.onednn_rows:
             self._onednn_weight()
 
@@ -139,7 +140,7 @@ class PackedLinear:
         return y if self.bias is None else y + self.bias
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(x.expand(self.weight.shape[0], *x.shape), self.weight)
+        return torch.bmm(x.expand(self.blocks, *x.shape), self.blocked_weight())
 
     # With several rows, (blocks, B, out/blocks) -> (B, out) is a copy of the output: these two
     # read the blocks where they are (the copies took ~4% of a 32-row SmolLM2 rollout, profiled).

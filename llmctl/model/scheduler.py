@@ -57,6 +57,20 @@ from llmctl.model.transformer import KVCache
 PREFIX_MIN_SAVED = 64
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def start_from(cache: KVCache, prefix: KVCache, length: int) -> None:
+    """Put the first `length` positions of `prefix`'s (one-row) keys and values into every row of
+    `cache`, which then continues from there."""
+    cache.k[:, :, :, :length] = prefix.k[:, :1, :, :length]
+    cache.v[:, :, :, :length] = prefix.v[:, :1, :, :length]
+    cache.pos = length
+
+
 @dataclass(frozen=True)
 class RowEvent:
     """One new token (or the end) of sample `index` of a request. `token` is None on the final event
@@ -398,15 +412,14 @@ class Scheduler:
         prompt (which computes it), so a step's budget counts the tokens it really computes."""
         if not self.prefix_entries:
             return 0
-        cap = len(prompt) - 1
-        kept = max(
-            (len(k) for k in self._prefixes if len(k) <= cap and tuple(prompt[: len(k)]) == k), default=0
-        )
+        kept = len(self._longest_kept(prompt[:-1]))
         if not batch:
             return kept
-        other = batch[0].prompt
-        limit = min(cap, len(other) - 1)
-        return max(kept, next((i for i in range(limit) if prompt[i] != other[i]), limit))
+        return max(kept, common_prefix(prompt[:-1], batch[0].prompt[:-1]))
+
+    def _longest_kept(self, tokens: Sequence[int]) -> tuple[int, ...]:
+        """The longest kept prefix that `tokens` starts with (() if none)."""
+        return max((k for k in self._prefixes if tuple(tokens[: len(k)]) == k), key=len, default=())
 
     def _prefill_together(self, reqs: list[RequestHandle]) -> None:
         """Whole prompts in one forward, right-padded: causal attention keeps every prompt token
@@ -423,9 +436,7 @@ class Scheduler:
             idx[i, : lengths[i]] = torch.tensor(req.prompt[P:], dtype=torch.long)
         cache = KVCache(cfg, len(reqs), P + max(lengths), device=device, dtype=self.cache.dtype)
         if prefix is not None:  # every row starts with the shared prefix's keys and values
-            cache.k[:, :, :, :P] = prefix.k[:, :1, :, :P]
-            cache.v[:, :, :, :P] = prefix.v[:, :1, :, :P]
-            cache.pos = P
+            start_from(cache, prefix, P)
         hidden = self.model(idx.to(device), cache=cache, return_hidden=True)  # (B, T, n_embd)
         last = torch.tensor(lengths, device=device) - 1
         logits = self.model.lm_head(hidden[torch.arange(len(reqs), device=device), last])  # (B, V)
@@ -441,12 +452,11 @@ class Scheduler:
         template tokens; vLLM and SGLang cache prefixes the same way. ((), None): nothing shared."""
         if not self.prefix_entries:
             return (), None
-        common = len(prompts[0]) - 1  # at least one token of each prompt is computed
+        head = tuple(prompts[0][:-1])  # at least one token of each prompt is computed
         for p in prompts[1:]:
-            common = min(common, len(p) - 1)
-            common = next((i for i in range(common) if p[i] != prompts[0][i]), common)
-        head = tuple(prompts[0][:common])
-        kept = max((k for k in self._prefixes if head[: len(k)] == k), key=len, default=())
+            head = head[: common_prefix(head, p[:-1])]
+        common = len(head)
+        kept = self._longest_kept(head)
         if (len(prompts) - 1) * (common - len(kept)) < PREFIX_MIN_SAVED:
             if not kept:
                 return (), None
@@ -454,9 +464,7 @@ class Scheduler:
             return kept, self._prefixes[kept]
         cache = KVCache(self.model.config, 1, common, device=self.cache.device, dtype=self.cache.dtype)
         if kept:
-            cache.k[:, :, :, : len(kept)] = self._prefixes[kept].k[:, :, :, : len(kept)]
-            cache.v[:, :, :, : len(kept)] = self._prefixes[kept].v[:, :, :, : len(kept)]
-            cache.pos = len(kept)
+            start_from(cache, self._prefixes[kept], len(kept))
         rest = torch.tensor([head[len(kept) :]], dtype=torch.long, device=self.cache.device)
         self.model(rest, cache=cache, return_hidden=True)
         self._prefixes[head] = cache
