@@ -25,8 +25,11 @@ from llmctl.model.config import (
 from llmctl.model.engine import Engine, SamplingParams
 from llmctl.model.transformer import (
     IGNORE_INDEX,
+    AttentionBlockFunction,
+    Block,
     CrossEntropyFunction,
     KVCache,
+    MLPBlockFunction,
     RMSNormFunction,
     RotaryFunction,
     SwiGLUFunction,
@@ -205,6 +208,71 @@ def test_rotary_and_swiglu_functions_match_autograd_of_plain_formulas():
         torch.autograd.grad(per_head, (x, k), grads), torch.autograd.grad(broadcast, (x, k), grads)
     )
     assert torch.autograd.gradcheck(lambda x, k: RotaryFunction.apply(x, k, cos_h, sin_h), (x, k))
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("per_head_tables", [True, False], ids=["per-head", "broadcast"])
+def test_fused_block_functions_have_exact_gradients(n_kv_head: int, per_head_tables: bool):
+    """The fused CPU training halves (x + attn(norm(x)), x + mlp(norm(x))): gradcheck in float64 for
+    every input, GQA included, with rotary tables per head (as Transformer.forward passes them
+    without position ids) and broadcast over heads (with position ids)."""
+    torch.manual_seed(0)
+    B, T, C, H, hd, hidden = 2, 5, 16, 4, 4, 24
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+
+    x, norm = leaf(B, T, C), leaf(C, scale=0.5)
+    wq, wk, wv, wo = leaf(H * hd, C), leaf(n_kv_head * hd, C), leaf(n_kv_head * hd, C), leaf(C, H * hd)
+    cos, sin = (t.double()[None, :T, None, :] for t in rope_tables(hd, T, 10000.0))  # (1, T, 1, hd)
+    if per_head_tables:
+        cos, sin = (t.expand(-1, -1, H, -1).contiguous() for t in (cos, sin))
+    assert torch.autograd.gradcheck(
+        lambda *a: AttentionBlockFunction.apply(*a, cos, sin, 1e-6, H), (x, norm, wq, wk, wv, wo)
+    )
+    w_gate, w_up, w_down = leaf(hidden, C), leaf(hidden, C), leaf(C, hidden)
+    assert torch.autograd.gradcheck(
+        lambda *a: MLPBlockFunction.apply(*a, 1e-6), (x, norm, w_gate, w_up, w_down)
+    )
+
+
+def _loss_and_grads(model: Transformer, batches) -> tuple[float, dict[str, torch.Tensor]]:
+    """One backward over the summed losses of several forwards (as DPO's chosen and rejected)."""
+    model.zero_grad(set_to_none=True)
+    loss = sum(model(idx, targets) for idx, targets in batches)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_training_blocks_match_the_module_path(monkeypatch, dtype):
+    """Training on CPU runs each block as the two fused Functions; loss and every gradient equal the
+    module path's (Block._fused_weights forced to None), also with two forwards before one backward
+    (their temporaries share buffers). Inference, LoRA's hooks and masks take the module path."""
+    model = make_model().train().to(dtype)
+    batches = [(torch.randint(0, VOCAB, (2, 24)), torch.randint(0, VOCAB, (2, 24))) for _ in range(2)]
+    calls = []
+    fused_apply = AttentionBlockFunction.apply
+    monkeypatch.setattr(AttentionBlockFunction, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    fused_loss, fused_grads = _loss_and_grads(model, batches)
+    assert len(calls) == 2 * model.config.n_layer  # the fused path ran, for every block
+    with monkeypatch.context() as m:
+        m.setattr(Block, "_fused_weights", lambda *a: None)
+        plain_loss, plain_grads = _loss_and_grads(model, batches)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, **tol, msg=name)
+
+    calls.clear()
+    idx, targets = batches[0]
+    with torch.no_grad():
+        model(idx, targets)
+    model(idx, targets, attention_mask=torch.ones_like(idx))
+    handle = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda *a: None)
+    model(idx, targets)
+    handle.remove()
+    assert len(calls) == model.config.n_layer - 1  # only the unhooked blocks of the last forward
 
 
 def test_left_padded_batch_matches_unpadded_rows():
