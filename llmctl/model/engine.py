@@ -33,6 +33,7 @@ import torch
 
 from llmctl.errors import InputError
 from llmctl.model.decode import PackedDecoder, packing_pays_off
+from llmctl.model.scratch import scratch
 from llmctl.model.transformer import KVCache, Transformer
 
 FinishReason = Literal["stop", "length"]
@@ -137,7 +138,9 @@ def sample_next(
     batch, or one per row; a row then draws from its own only, the same as it would alone."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    logits = torch.div(
+        logits, params.temperature, out=scratch("sampler.logits", logits.shape, logits, torch.float32)
+    )
     if params.top_k and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -147,7 +150,7 @@ def sample_next(
         # Drop a token when the mass before it already reaches top_p (the top token always stays).
         drop = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
+    probs = torch.ops.aten._softmax.out(logits, -1, False, out=scratch("sampler.probs", logits.shape, logits))
     if generator is None or isinstance(generator, torch.Generator):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     assert len(generator) == probs.shape[0], (len(generator), probs.shape)
@@ -158,7 +161,9 @@ def sample_next(
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generator])
     # fp64 (49k fp32 partial sums drift by up to ~1e-3), converted inside the cumsum: a separate
     # .double() copy of (rows, V) cost as much as the cumsum in a rollout step
-    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    cdf = torch.cumsum(
+        probs, dim=-1, dtype=torch.float64, out=scratch("sampler.cdf", probs.shape, probs, torch.float64)
+    )
     # right=True: the first entry whose cdf exceeds u * total, so a zero-probability entry (cut by
     # top-k/top-p) is not picked even when u * total lands exactly on its cdf.
     picked = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True)
@@ -423,7 +428,9 @@ class Engine:
                 next_ids = self._sample(logits, params, generators, active)  # (R,)
                 chosen_logprobs = [None] * R
                 if params.logprobs:
-                    log_probs = torch.log_softmax(raw.float(), dim=-1)
+                    log_probs = torch.ops.aten._log_softmax.out(
+                        raw.float(), -1, False, out=scratch("engine.logprobs", raw.shape, raw, torch.float32)
+                    )
                     chosen_logprobs = log_probs.gather(1, next_ids[:, None])[:, 0].tolist()
                 if seen is not None:
                     seen.scatter_(1, next_ids[:, None], True)

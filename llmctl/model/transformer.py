@@ -27,13 +27,13 @@ Features:
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmctl.model.config import ModelConfig, RopeScaling, flops_per_token
+from llmctl.model.scratch import scratch as _scratch
 
 IGNORE_INDEX = -100  # target value that contributes no loss (the PyTorch / HF convention)
 
@@ -493,37 +493,6 @@ class MLPBlockFunction(torch.autograd.Function):
             g_down,
             None,
         )
-
-
-class _ScratchBuffers(threading.local):
-    """Per thread: one flat buffer per name, and the shaped views of it handed out so far (a view
-    per shape, so that a step asks the dict rather than slicing and viewing again)."""
-
-    def __init__(self):
-        self.flat: dict[str, torch.Tensor] = {}
-        self.views: dict[tuple, torch.Tensor] = {}
-
-
-_SCRATCH = _ScratchBuffers()
-
-
-def _scratch(name: str, shape: tuple[int, ...] | torch.Size, like: torch.Tensor) -> torch.Tensor:
-    """A buffer of `shape` with like's dtype and device, reused from step to step: for the fused
-    blocks' temporaries, which die inside the Function that asks. Fresh buffers of a few MB are new
-    mmaps on glibc and page-fault on first write: silu into a fresh (768, 352) buffer took 515 us
-    inside a training step against 98 us into a reused one."""
-    key = (name, tuple(shape), like.dtype, like.device)
-    view = _SCRATCH.views.get(key)
-    if view is None:
-        n = math.prod(shape)
-        flat = _SCRATCH.flat.get(name)
-        if flat is None or flat.numel() < n or flat.dtype != like.dtype or flat.device != like.device:
-            flat = _SCRATCH.flat[name] = torch.empty(n, dtype=like.dtype, device=like.device)
-            _SCRATCH.views = {k: v for k, v in _SCRATCH.views.items() if k[0] != name}
-        if len(_SCRATCH.views) > 64:  # many shapes (varying batch shapes): start over
-            _SCRATCH.views.clear()
-        view = _SCRATCH.views[key] = flat[:n].view(shape)
-    return view
 
 
 class Block(nn.Module):
