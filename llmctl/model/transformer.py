@@ -396,6 +396,25 @@ class MLP(nn.Module):
 # and the whole model's loss and gradients against the module path).
 
 
+def _through_norm_and_residual(
+    g_h: torch.Tensor,
+    grad: torch.Tensor,
+    x2: torch.Tensor,
+    rstd: torch.Tensor,
+    norm_weight,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A half-block's input gradient: the branch's (g_h, at the norm's output, overwritten) back
+    through the norm, plus the residual's own; and the norm weight's gradient."""
+    g_x, g_norm = _rms_norm_backward(g_h, x2, rstd, norm_weight, weight_grad=weight_grad, in_place=True)
+    return g_x.add_(grad.reshape(g_x.shape)).view(grad.shape), g_norm
+
+
+def _weight_grads(outputs_grads, inputs: torch.Tensor, needed) -> list[torch.Tensor | None]:
+    """g^T @ inputs for each product's output gradient g (N, out), where its weight needs one."""
+    return [g.t() @ inputs if need else None for g, need in zip(outputs_grads, needed, strict=True)]
+
+
 class AttentionBlockFunction(torch.autograd.Function):
     """x + o_proj(causal_attention(rotary(q), rotary(k), v)), q/k/v = projections of rms_norm(x).
 
@@ -440,20 +459,9 @@ class AttentionBlockFunction(torch.autograd.Function):
         g_k = _rotate_halves(g_k, cos_k, sin_k, -1.0, out=_scratch("attn.k", g_k.shape, g_k)).view(B * T, -1)
         g_v = g_v.transpose(1, 2).reshape(B * T, n_kv_head * hd)
         g_h = (g_q @ wq).addmm_(g_k, wk).addmm_(g_v, wv)
-        g_x, g_norm = _rms_norm_backward(g_h, x2, rstd, norm_weight, weight_grad=needs[1], in_place=True)
-        g_x.add_(g2)  # the residual
-        return (
-            g_x.view(grad.shape),
-            g_norm,
-            g_q.t() @ h if needs[2] else None,
-            g_k.t() @ h if needs[3] else None,
-            g_v.t() @ h if needs[4] else None,
-            g_wo,
-            None,
-            None,
-            None,
-            None,
-        )
+        g_x, g_norm = _through_norm_and_residual(g_h, grad, x2, rstd, norm_weight, needs[1])
+        g_weights = _weight_grads((g_q, g_k, g_v), h, needs[2:5])
+        return (g_x, g_norm, *g_weights, g_wo, None, None, None, None)
 
 
 class MLPBlockFunction(torch.autograd.Function):
@@ -483,16 +491,8 @@ class MLPBlockFunction(torch.autograd.Function):
         g_gate = g_mid.mul_(up)
         torch.ops.aten.silu_backward.grad_input(g_gate, gate, grad_input=g_gate)  # in place
         g_h = (g_gate @ w_gate).addmm_(g_up, w_up)
-        g_x, g_norm = _rms_norm_backward(g_h, x2, rstd, norm_weight, weight_grad=needs[1], in_place=True)
-        g_x.add_(g2)  # the residual
-        return (
-            g_x.view(grad.shape),
-            g_norm,
-            g_gate.t() @ h if needs[2] else None,
-            g_up.t() @ h if needs[3] else None,
-            g_down,
-            None,
-        )
+        g_x, g_norm = _through_norm_and_residual(g_h, grad, x2, rstd, norm_weight, needs[1])
+        return (g_x, g_norm, *_weight_grads((g_gate, g_up), h, needs[2:4]), g_down, None)
 
 
 class Block(nn.Module):
