@@ -202,8 +202,7 @@ def pack_linears(layers: list[nn.Module], blocks: int, onednn_rows: int = ONEDNN
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """F.rms_norm: forward only, a few rows, where RMSNorm's autograd Function costs 2x as much."""
-    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, eps)
+    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.eps_for(x.dtype))
 
 
 def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
