@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmctl.model.decode import ONEDNN, PackedDecoder, packing_pays_off
+from llmctl.model.decode import MKL_PACK_ROWS, MKL_PACKED, ONEDNN, PackedDecoder, PackedLinear, packing_pays_off
 from llmctl.model.engine import Engine, SamplingParams
 from llmctl.model.transformer import KVCache
 from tests.test_model import VOCAB, make_model
@@ -17,17 +17,20 @@ from tests.test_model import VOCAB, make_model
     [{}, {"attention_bias": True, "tie_embeddings": False}, {"qk_norm": True}],
     ids=["gqa-tied", "bias-untied", "qk-norm"],
 )
-# column blocks (3 leaves qkv (256), o (128), head (320) padded), and oneDNN's layout for every row
+# column blocks (3 leaves qkv (256), o (128), head (320) padded), oneDNN's layout and MKL's packed
+# one for every row
 @pytest.mark.parametrize(
-    "layout", [(1, 99), (2, 99), (3, 99), (2, 1)], ids=["blocks1", "blocks2", "blocks3", "onednn"]
+    "layout",
+    [(1, 99, False), (2, 99, False), (3, 99, False), (2, 1, False), (2, 99, True)],
+    ids=["blocks1", "blocks2", "blocks3", "onednn", "mkl"],
 )
 @pytest.mark.parametrize("ragged", [False, True], ids=["even", "ragged"])
 # a few keys go through SDPA, 128 keys x rows and more through two bmms (decode.attention)
 @pytest.mark.parametrize("T", [6, 48], ids=["few-keys", "many-keys"])
-def test_packed_step_equals_forward(overrides: dict, layout: tuple[int, int], ragged: bool, T: int):
+def test_packed_step_equals_forward(overrides: dict, layout: tuple[int, int, bool], ragged: bool, T: int):
     model = make_model(**overrides)
-    blocks, onednn_rows = layout
-    decoder = PackedDecoder(model, blocks=blocks, onednn_rows=onednn_rows)
+    blocks, onednn_rows, mkl = layout
+    decoder = PackedDecoder(model, blocks=blocks, onednn_rows=onednn_rows, mkl=mkl)
     B, steps = 3, 4
     idx = torch.randint(0, VOCAB, (B, T))
     mask = None
@@ -46,10 +49,35 @@ def test_packed_step_equals_forward(overrides: dict, layout: tuple[int, int], ra
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             ids = expected.argmax(-1)
     assert ours.pos == theirs.pos == T + steps
-    built = [p._onednn is not None for p in (decoder.layers[0].qkv, decoder.lm_head)]
-    assert built == [ONEDNN and onednn_rows <= B] * 2  # the layout the step was meant to take
+    # the layout the step was meant to take, and only that one
+    for product in (decoder.layers[0].qkv, decoder.lm_head):
+        uses_mkl = mkl and MKL_PACKED
+        uses_onednn = not uses_mkl and ONEDNN and onednn_rows <= B
+        assert (product._mkl is not None, product._onednn is not None) == (uses_mkl, uses_onednn)
+        assert (product._blocked is not None) == (not uses_mkl and not uses_onednn)
     torch.testing.assert_close(ours.k, theirs.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.v, theirs.v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not MKL_PACKED, reason="torch is built without MKL")
+def test_mkl_packing_serves_every_row_count():
+    """One packing (for MKL_PACK_ROWS rows) serves steps of fewer rows; a step of more rows packs
+    again for its own count. Every product equals F.linear's up to fp32 rounding."""
+    torch.manual_seed(0)
+    weights, bias = [torch.randn(40, 24), torch.randn(24, 24)], [torch.randn(40), torch.randn(24)]
+    linear = PackedLinear(weights, bias, blocks=2)
+    weight, full_bias = torch.cat(weights), torch.cat(bias)
+    most = 0
+    for rows in (1, 3, 32, MKL_PACK_ROWS + 6, 5):
+        most = max(most, rows)
+        x = torch.randn(rows, 24)
+        expected = torch.nn.functional.linear(x, weight, full_bias)
+        torch.testing.assert_close(linear(x), expected, atol=1e-5, rtol=1e-5)
+        residual = torch.randn(rows, 64)
+        torch.testing.assert_close(linear.add_to(residual, x), residual + expected, atol=1e-5, rtol=1e-5)
+        gate, up = linear.halves(x)
+        torch.testing.assert_close(torch.cat([gate, up], -1), expected, atol=1e-5, rtol=1e-5)
+        assert linear._mkl_rows == max(MKL_PACK_ROWS, most)
 
 
 def test_engine_packed_and_unpacked_agree_on_ragged_batches():

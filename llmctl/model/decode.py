@@ -10,10 +10,12 @@ cores each stream their own share of the memory bandwidth. Fusing q/k/v and gate
 matrix each halves the calls. Together: the 124M model decoded 2.4-2.5x faster at batch 1 and
 1.6-1.7x at batch 8 than through `Transformer.forward` when measured on a 2-core EPYC; 1.18x and
 1.25x on the 2-core Xeon the same benchmark ran on later (benchmarks/bench_decode.py).
-From 4 rows on (a server's batch, an RL rollout), oneDNN's linear over its own reordered copy of
-the weights beats the column blocks on that Xeon (SmolLM2-135M's matrices streamed as in a step,
-one thread, min of 7 alternating rounds: 74 vs 104 ms a step at 8 rows, 120 vs 142 ms at 32); each
-layout is built when first needed.
+Where torch is built with MKL, one layout beats both at every row count on that Xeon (the EPYC
+was not measured again): MKL's packed
+GEMM (cblas_sgemm_pack once, cblas_sgemm_compute per step), 27 vs 30 ms a SmolLM2-135M step of
+products at 1 row, 59 vs 71 ms (oneDNN's reordered weight, the previous choice) at 32 rows; a
+32-row rollout sampled 1.16x faster (paired median of 7 rounds). Elsewhere the column blocks serve
+up to 3 rows and oneDNN's layout from 4 on. Each layout is built when first needed.
 
 The rest of a step is op count, which the step keeps low: the rotary as one small matmul per layer
 (rotation matrices built once per step), F.rms_norm instead of the model's autograd norm, two
@@ -56,24 +58,34 @@ def packing_pays_off(model: Transformer) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-# oneDNN's linear over a weight reordered once into its own blocked layout: from 4 rows on it beat
-# the column blocks below by 1.1-1.4x a step at 1 and 2 threads (SmolLM2-135M's 121 matrices run in
-# turn as a step runs them, min of 7 alternating rounds; per shape: the oneDNN column of
-# benchmarks/bench_matvec.py); at 1 row it lost (27.5 vs 42.8 ms a step on 2 threads), at 2-3 rows
-# it was within noise.
+# MKL's packed GEMM: the weight packed once by cblas_sgemm_pack, each step's product by
+# cblas_sgemm_compute, through the two ops torch's CPU inductor uses for frozen linears. The packing
+# takes a row count: a weight packed for 64 rows served every count up to 64 within 10% of the best
+# packing for that count, one packed for 1 row ran 32-row steps 1.3x slower. Packed for 64 rows, it
+# beat both layouts below at every row count on the 2-core Xeon (SmolLM2-135M's 121 matrices run in
+# turn, min of 4 rounds, 2 threads, ms a step): 27.1 vs 30.3 (column blocks) at 1 row, 40 vs 55
+# (oneDNN) at 8, 59 vs 71 at 32, 74 vs 101 at 64; packing took 0.21 s against oneDNN's 0.28 s. Results
+# do not depend on the packing's row count (tests/test_decode.py checks 1 to 32 rows).
+MKL_PACK_ROWS = 64
+MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+# Where torch is built without MKL: oneDNN's linear over a weight reordered once into its own blocked
+# layout; from 4 rows on it beat the column blocks by 1.1-1.4x a step on the Xeon, at 1 row it lost
+# (27.5 vs 42.8 ms a step on 2 threads), at 2-3 rows it was within noise.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_MIN_ROWS = 4
 
 
 class PackedLinear:
-    """y = x @ cat(weights).T + bias for x (B, in), in whichever of two layouts is faster for B:
+    """y = x @ cat(weights).T + bias for x (B, in), in whichever layout is fastest for B:
 
+    - MKL's packed weight (every B, where torch is built with MKL; `mkl=False` turns it off);
     - column blocks: the weights (out_i, in) concatenated along out, zero-padded to a multiple of
       `blocks` and stored as (blocks, in, out/blocks), one bmm (few rows);
     - oneDNN's reordered weight, one linear (from `onednn_rows` rows on, where oneDNN is built in).
 
-    Each layout is built the first time a step needs it, so a batch-1 generate never holds the
-    oneDNN copy and a 32-row rollout never holds the blocked one."""
+    Each layout is built the first time a step needs it, so a decoder holds only the layouts its
+    steps took."""
 
     def __init__(
         self,
@@ -81,15 +93,25 @@ class PackedLinear:
         bias: list[torch.Tensor] | None,
         blocks: int,
         onednn_rows: int = ONEDNN_MIN_ROWS,
+        mkl: bool = True,
     ):
         self.sources = [w.detach() for w in weights]  # the model's own tensors: no copy until needed
         self.out_features = sum(w.shape[0] for w in weights)
+        self.in_features = weights[0].shape[1]
         self.blocks = blocks
         self.padded = self.out_features % blocks != 0
+        self.mkl = mkl and MKL_PACKED
         self.onednn_rows = onednn_rows if ONEDNN else None
         self.bias = torch.cat([b.detach() for b in bias]) if bias is not None else None
         self._blocked: torch.Tensor | None = None
         self._onednn: torch.Tensor | None = None
+        self._mkl: torch.Tensor | None = None
+        self._mkl_rows = 0  # the row count the MKL layout was packed for
+
+    def _source(self) -> torch.Tensor:
+        """The (out, in) weight: the model's tensor itself where there is one (an RL rollout repacks
+        after every optimizer step, and a cat's copy was half of oneDNN's repacking)."""
+        return self.sources[0] if len(self.sources) == 1 else torch.cat(self.sources)
 
     def blocked_weight(self) -> torch.Tensor:
         """The column blocks (blocks, in, out/blocks), built on first use."""
@@ -102,24 +124,40 @@ class PackedLinear:
         return self._blocked
 
     def nbytes(self) -> int:
-        """Bytes of the layouts built so far."""
-        return sum(t.numel() * t.element_size() for t in (self._blocked, self._onednn) if t is not None)
+        """Bytes of the layouts built so far. MKL's buffer is allocated 2-9x larger than the weight
+        but only the weight's bytes are written (resident memory grew by 540 MB for SmolLM2-135M's
+        538 MB of matrices): those are counted."""
+        built = sum(t.numel() * t.element_size() for t in (self._blocked, self._onednn) if t is not None)
+        if self._mkl is not None:
+            built += self.out_features * self.in_features * self.sources[0].element_size()
+        return built
 
-    def _uses_onednn(self, x: torch.Tensor) -> bool:
-        return self.onednn_rows is not None and x.shape[0] >= self.onednn_rows
+    def _layout(self, rows: int) -> str:
+        if self.mkl:
+            return "mkl"
+        return "onednn" if self.onednn_rows is not None and rows >= self.onednn_rows else "blocks"
 
     def prepare(self, max_rows: int) -> None:
         """Build now every layout that steps of up to `max_rows` rows take."""
-        self.blocked_weight()
-        if self.onednn_rows is not None and max_rows >= self.onednn_rows:
+        layouts = {self._layout(rows) for rows in (1, max_rows)}
+        if "mkl" in layouts:
+            self._mkl_weight(max_rows)
+        if "onednn" in layouts:
             self._onednn_weight()
+        if "blocks" in layouts:
+            self.blocked_weight()
+
+    def _mkl_weight(self, rows: int) -> torch.Tensor:
+        """MKL's packed weight, packed again for a step of more rows than it was packed for."""
+        if self._mkl is None or rows > self._mkl_rows:
+            self._mkl = None  # free the old packing first
+            self._mkl_rows = max(rows, MKL_PACK_ROWS)
+            self._mkl = torch.ops.mkl._mkl_reorder_linear_weight(self._source(), self._mkl_rows)
+        return self._mkl
 
     def _onednn_weight(self) -> torch.Tensor:
         if self._onednn is None:
-            # The reorder reads the model's tensor itself where there is one: an RL rollout rebuilds
-            # this after every optimizer step, and the cat's copy was half of that rebuild.
-            source = self.sources[0] if len(self.sources) == 1 else torch.cat(self.sources)
-            self._onednn = torch.ops.mkldnn._reorder_linear_weight(source)
+            self._onednn = torch.ops.mkldnn._reorder_linear_weight(self._source())
         return self._onednn
 
     def _linear(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,8 +167,17 @@ class PackedLinear:
             return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, self.bias, "add")
 
+    def _mkl_linear(self, x: torch.Tensor) -> torch.Tensor:
+        # The op falls back to its third argument, the plain weight, when x's rows differ from its
+        # last one; they never do here, so a zero-stride stand-in takes the weight's place.
+        stand_in = x.new_zeros(()).expand(self.out_features, self.in_features)
+        return torch.ops.mkl._mkl_linear(x, self._mkl_weight(x.shape[0]), stand_in, self.bias, x.shape[0])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._uses_onednn(x):
+        layout = self._layout(x.shape[0])
+        if layout == "mkl":
+            return self._mkl_linear(x)
+        if layout == "onednn":
             return self._linear(x)
         B = x.shape[0]
         y = self._blocks(x)  # (blocks, B, out/blocks)
@@ -147,14 +194,18 @@ class PackedLinear:
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output's two halves (gate and up): with two unpadded blocks, each block as it is."""
-        if not self._uses_onednn(x) and self.blocks == 2 and self.bias is None and not self.padded:
+        layout = self._layout(x.shape[0])
+        if layout == "blocks" and self.blocks == 2 and self.bias is None and not self.padded:
             y = self._blocks(x)
             return y[0], y[1]
         return self(x).chunk(2, dim=-1)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + self(x), without a separate copy of the product."""
-        if self._uses_onednn(x):
+        layout = self._layout(x.shape[0])
+        if layout == "mkl":
+            return self._mkl_linear(x).add_(residual)
+        if layout == "onednn":
             return self._linear(x, residual)
         blocks, B = self.blocks, x.shape[0]
         if B == 1 or blocks == 1 or self.bias is not None or self.padded:
@@ -191,13 +242,15 @@ class QuantizedPackedLinear:
 Packed = PackedLinear | QuantizedPackedLinear
 
 
-def pack_linears(layers: list[nn.Module], blocks: int, onednn_rows: int = ONEDNN_MIN_ROWS) -> Packed:
+def pack_linears(
+    layers: list[nn.Module], blocks: int, onednn_rows: int = ONEDNN_MIN_ROWS, mkl: bool = True
+) -> Packed:
     """One fused packed product for nn.Linear layers, or for QuantizedLinear layers of one scheme."""
     if isinstance(layers[0], QuantizedLinear):
         assert all(isinstance(m, QuantizedLinear) and m.scheme == layers[0].scheme for m in layers), layers
         return QuantizedPackedLinear(layers)
     bias = [m.bias for m in layers] if layers[0].bias is not None else None
-    return PackedLinear([m.weight for m in layers], bias, blocks, onednn_rows)
+    return PackedLinear([m.weight for m in layers], bias, blocks, onednn_rows, mkl)
 
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -266,28 +319,39 @@ class PackedDecoder:
     """One-token-per-row forward of a Transformer through packed weights; equals
     `model(ids[:, None], cache=..., ...)[:, -1]` up to fp32 rounding (tests/test_decode.py)."""
 
-    def __init__(self, model: Transformer, blocks: int | None = None, onednn_rows: int = ONEDNN_MIN_ROWS):
+    def __init__(
+        self,
+        model: Transformer,
+        blocks: int | None = None,
+        onednn_rows: int = ONEDNN_MIN_ROWS,
+        mkl: bool = True,
+    ):
         """`blocks`: column blocks of the few-row layout (default: one per thread); `onednn_rows`:
-        the fewest rows that go through oneDNN's layout instead (PackedLinear)."""
+        the fewest rows that go through oneDNN's layout instead; `mkl`: MKL's packed layout for
+        every row count where torch has it (PackedLinear)."""
         self.model = model
         self.blocks = blocks or max(1, torch.get_num_threads())
         self.onednn_rows = onednn_rows
+        self.mkl = mkl
         self._signature = self._weights_signature()
         with torch.no_grad():
             self.layers = [self._pack_block(block) for block in model.model.layers]
-            self.lm_head = pack_linears([model.lm_head], self.blocks, onednn_rows)
+            self.lm_head = self._pack([model.lm_head])
+
+    def _pack(self, layers: list[nn.Module]) -> Packed:
+        return pack_linears(layers, self.blocks, self.onednn_rows, self.mkl)
 
     def _pack_block(self, block: nn.Module) -> PackedLayer:
         attn, mlp = block.self_attn, block.mlp
         return PackedLayer(
             input_norm=block.input_layernorm,
-            qkv=pack_linears([attn.q_proj, attn.k_proj, attn.v_proj], self.blocks, self.onednn_rows),
+            qkv=self._pack([attn.q_proj, attn.k_proj, attn.v_proj]),
             q_norm=attn.q_norm if attn.qk_norm else None,
             k_norm=attn.k_norm if attn.qk_norm else None,
-            o=pack_linears([attn.o_proj], self.blocks, self.onednn_rows),
+            o=self._pack([attn.o_proj]),
             post_attention_norm=block.post_attention_layernorm,
-            gate_up=pack_linears([mlp.gate_proj, mlp.up_proj], self.blocks, self.onednn_rows),
-            down=pack_linears([mlp.down_proj], self.blocks, self.onednn_rows),
+            gate_up=self._pack([mlp.gate_proj, mlp.up_proj]),
+            down=self._pack([mlp.down_proj]),
         )
 
     def _weights_signature(self) -> tuple:
