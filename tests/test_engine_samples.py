@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmctl.errors import InputError
+from llmctl.model.decode import PackedDecoder
 from llmctl.model.engine import Engine, SamplingParams, row_seed, sample_next
 from tests.test_model import make_model
 
@@ -68,7 +69,8 @@ def test_greedy_samples_are_all_the_single_prompt_greedy_generation(model, singl
         assert [r.tokens for r in results[j * 3 : (j + 1) * 3]] == [expected] * 3
 
 
-def test_stop_tokens_end_some_rows_early_and_leave_the_others_alone(model, single):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "forward"])
+def test_stop_tokens_end_some_rows_early_and_leave_the_others_alone(model, single, packed, monkeypatch):
     params = replace(SAMPLED[0], max_new_tokens=16)
     free = Engine(model).generate(PROMPTS, params, n=G)
     # A token some rows sample after a few steps and others never do.
@@ -78,9 +80,25 @@ def test_stop_tokens_end_some_rows_early_and_leave_the_others_alone(model, singl
             counts[tok] = counts.get(tok, 0) + 1
     stop = max((c, tok) for tok, c in counts.items() if c < len(free))[1]
     events = []
-    stopped = Engine(model).generate(
-        PROMPTS, replace(params, stop_token_ids=(stop,)), n=G, on_token=events.append
-    )
+    decoded_rows = []  # rows of each decode step
+    if packed:
+        step = PackedDecoder.step
+        monkeypatch.setattr(
+            PackedDecoder, "step", lambda self, ids, *a, **k: decoded_rows.append(len(ids)) or step(self, ids, *a, **k)
+        )
+        hook = None
+    else:
+        hook = model.register_forward_hook(
+            lambda module, args, out: decoded_rows.append(args[0].shape[0]) if args[0].shape[1] == 1 else None
+        )
+    try:
+        stopped = Engine(model, packed=packed).generate(
+            PROMPTS, replace(params, stop_token_ids=(stop,)), n=G, on_token=events.append
+        )
+    finally:
+        monkeypatch.undo()
+        if hook is not None:
+            hook.remove()
     n_stopped = 0
     for row, (f, s) in enumerate(zip(free, stopped, strict=True)):
         if stop in f.tokens:
@@ -92,6 +110,11 @@ def test_stop_tokens_end_some_rows_early_and_leave_the_others_alone(model, singl
         j, i = divmod(row, G)
         assert s.tokens == alone(single, PROMPTS[j], replace(params, stop_token_ids=(stop,)), j, i).tokens
     assert 0 < n_stopped < len(free)
+    # Finished rows leave the decode batch: the step after token k decodes only the rows still
+    # running (a row that sampled its stop token as token k is done).
+    ends = [len(s.tokens) if s.finish_reason == "stop" else params.max_new_tokens - 1 for s in stopped]
+    assert decoded_rows == [sum(k < end for end in ends) for k in range(max(ends))]
+    assert decoded_rows[0] == len(free) > decoded_rows[-1]
 
 
 def test_logprobs_are_the_models_own_over_prompt_and_completion(model):

@@ -3,7 +3,9 @@
 Prompts of different lengths are left-padded into one batch; a padding mask and per-row position
 ids keep every row exactly what it would be alone. The KV cache is allocated once per batch shape
 and reused; each step runs one forward over a single new token per row under `inference_mode`
-(on CPU through a repacked copy of the weights: llmctl/model/decode.py).
+(on CPU through a repacked copy of the weights: llmctl/model/decode.py). A row that finished leaves
+the batch (its cache rows are overwritten by a running row's), so later steps cost only the rows
+still running: RL rollouts, whose samples end at very different lengths, gain the most.
 
     engine = Engine(model, tokenizer)                 # tokenizer: tokenizers.Tokenizer (for text/stop strings)
     params = SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0,
@@ -420,13 +422,16 @@ class Engine:
             logits = self._prefill(idx, attention_mask, cache, n)  # (R, V)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(n, dim=0)  # (R, total)
+        # Finished rows leave the decode batch (a step's products cost about their rows): batch row b
+        # is result row batch_rows[b]; every per-row tensor and list below follows that order.
+        batch_rows = list(range(R))
         for step in range(params.max_new_tokens):
             with torch.inference_mode():
                 raw = logits
                 if seen is not None:
                     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-                next_ids = self._sample(logits, params, generators, active)  # (R,)
-                chosen_logprobs = [None] * R
+                next_ids = sample_next(logits, params, generators)  # (rows,)
+                chosen_logprobs = [None] * len(batch_rows)
                 if params.logprobs:
                     log_probs = torch.ops.aten._log_softmax.out(
                         raw.float(), -1, False, out=scratch("engine.logprobs", raw.shape, raw, torch.float32)
@@ -435,18 +440,18 @@ class Engine:
                 if seen is not None:
                     seen.scatter_(1, next_ids[:, None], True)
             last_step = step == params.max_new_tokens - 1
-            for row, tok in enumerate(next_ids.tolist()):
-                if not active[row]:
-                    continue
+            sampled = next_ids.tolist()
+            for b in sorted(range(len(batch_rows)), key=batch_rows.__getitem__):  # events in row order
+                row, tok, logprob = batch_rows[b], sampled[b], chosen_logprobs[b]
                 res = results[row]
                 if tok in stop_ids:
                     active[row] = False
-                    res.finish_reason, res.stop_token, res.stop_logprob = "stop", tok, chosen_logprobs[row]
+                    res.finish_reason, res.stop_token, res.stop_logprob = "stop", tok, logprob
                     yield TokenEvent(row, None, texts[row].flush(), "stop")
                     continue
                 res.tokens.append(tok)
                 if res.logprobs is not None:
-                    res.logprobs.append(chosen_logprobs[row])
+                    res.logprobs.append(logprob)
                 finish: FinishReason | None = "length" if last_step else None
                 text, stopped = texts[row].push(tok, last=last_step)
                 if stopped:
@@ -454,11 +459,24 @@ class Engine:
                 if finish:
                     active[row] = False
                     res.finish_reason = finish
-                yield TokenEvent(row, tok, text, finish, chosen_logprobs[row])
+                yield TokenEvent(row, tok, text, finish, logprob)
             if not any(active):
                 break
+            live = [b for b, row in enumerate(batch_rows) if active[row]]
+            if len(live) < len(batch_rows):
+                with torch.inference_mode():
+                    placed = cache.keep_rows(live)
+                batch_rows = [batch_rows[b] for b in placed]
+                keep = torch.tensor(placed, device=device)
+                next_ids = next_ids[keep]
+                if ragged:
+                    attention_mask, positions = attention_mask[keep], positions[keep]
+                if seen is not None:
+                    seen = seen[keep]
+                if generators is not None:
+                    generators = [generators[b] for b in placed]
             with torch.inference_mode():
-                pos = positions + step if ragged else None  # (R, 1)
+                pos = positions + step if ragged else None  # (rows, 1)
                 if decoder is not None:
                     logits = decoder.step(
                         next_ids,
@@ -503,19 +521,3 @@ class Engine:
             for j in range(n_prompts)
             for i in range(n)
         ]
-
-    @staticmethod
-    def _sample(
-        logits: torch.Tensor,
-        params: SamplingParams,
-        generators: list[torch.Generator] | None,
-        active: list[bool],
-    ) -> torch.Tensor:
-        """Next ids (R,); finished rows are not sampled (their id is 0: it is never emitted)."""
-        if generators is None or all(active):
-            return sample_next(logits, params, generators)
-        live = [r for r, a in enumerate(active) if a]
-        ids = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        rows = torch.tensor(live, device=logits.device)
-        ids[rows] = sample_next(logits[rows], params, [generators[r] for r in live])
-        return ids

@@ -277,6 +277,7 @@ class KVCache:
 
     All rows share one write position `pos` (ragged batches are left-padded, with a padding mask
     passed to forward). The model advances `pos` once per forward, after every layer wrote.
+    The first `rows` rows are in use (all B until `keep_rows` drops finished ones).
     """
 
     def __init__(
@@ -293,17 +294,38 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.rows = batch_size
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_head, T, hd) at pos; return views of all keys/values so far."""
+        """Write k, v (rows, n_kv_head, T, hd) at pos; return views of all keys/values so far."""
         end = self.pos + k.shape[2]
         assert end <= self.max_len, f"KV cache overflow: {end} > {self.max_len}"
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        assert k.shape[0] == self.rows, (k.shape, self.rows)
+        self.k[layer, : self.rows, :, self.pos : end] = k
+        self.v[layer, : self.rows, :, self.pos : end] = v
+        return self.k[layer, : self.rows, :, :end], self.v[layer, : self.rows, :, :end]
+
+    def keep_rows(self, kept: list[int]) -> list[int]:
+        """Keep rows `kept` (of the first `rows`) as the first len(kept) rows; returns which old row
+        each new row is. A kept row below the new count stays where it is; each one beyond it moves
+        into a dropped row's place, so only the movers' keys and values are copied."""
+        n = len(kept)
+        placed = list(range(n))
+        movers = [r for r in kept if r >= n]
+        holes = sorted(set(range(n)) - set(kept))
+        if movers:
+            src = torch.tensor(movers, device=self.k.device)
+            dst = torch.tensor(holes, device=self.k.device)
+            for cache in (self.k, self.v):
+                cache[:, dst, :, : self.pos] = cache[:, src, :, : self.pos]
+            for hole, mover in zip(holes, movers, strict=True):
+                placed[hole] = mover
+        self.rows = n
+        return placed
 
     def reset(self) -> None:
         self.pos = 0
+        self.rows = self.k.shape[1]
 
 
 # ---- attention -----------------------------------------------------------------------------------
