@@ -34,8 +34,9 @@ What each side does (like with like):
 Left unequal (read the numbers with them in mind): each side samples its own completions and visits the
 prompts in its own order, so the timed steps' prompts and completion lengths differ (the table shows the
 mean completion length; step s is not normalised by it). TRL tokenizes its prompts every step, ours once
-at setup; TRL repeats each prompt G times before prefill, ours prefills once per prompt (the design
-difference this measures).
+at setup; TRL repeats each prompt G times before prefill, ours prefills once per prompt, and decodes
+through weights packed for few-row products (MKL's packed GEMM) with finished rows leaving the batch
+(the design differences this measures).
 """
 
 from __future__ import annotations
