@@ -77,7 +77,10 @@ def main() -> None:
             row_major = cycling(weights)
             col_major = cycling([w.t().contiguous() for w in weights])
             packed = cycling(
-                built([PackedLinear([w], None, args.threads, onednn_rows=1 << 30, mkl=False) for w in weights], B)
+                built(
+                    [PackedLinear([w], None, args.threads, onednn_rows=1 << 30, mkl=False) for w in weights],
+                    B,
+                )
             )
             onednn = cycling(
                 built([PackedLinear([w], None, args.threads, onednn_rows=1, mkl=False) for w in weights], B)
@@ -108,7 +111,9 @@ def step_table(args) -> None:
         "oneDNN": dict(onednn_rows=1, mkl=False),
         **({"MKL packed": {}} if MKL_PACKED else {}),
     }
-    print(f"\na decode step's products (124M preset), ms, fp32, {args.threads} threads, min of {args.rounds} rounds")
+    print(
+        f"\na decode step's products (124M preset), ms, fp32, {args.threads} threads, min of {args.rounds} rounds"
+    )
     print(f"{'batch':>5} | " + " | ".join(f"{name:>10}" for name in layouts))
     for B in (int(b) for b in args.batch_sizes.split(",")):
         inputs = {inp: torch.randn(B, inp) for _, inp in SHAPES}

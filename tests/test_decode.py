@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmctl.model.decode import MKL_PACK_ROWS, MKL_PACKED, ONEDNN, PackedDecoder, PackedLinear, packing_pays_off
+from llmctl.model.decode import (
+    MKL_PACK_ROWS,
+    MKL_PACKED,
+    ONEDNN,
+    PackedDecoder,
+    PackedLinear,
+    packing_pays_off,
+)
 from llmctl.model.engine import Engine, SamplingParams
 from llmctl.model.transformer import KVCache
 from tests.test_model import VOCAB, make_model

@@ -84,7 +84,9 @@ def test_stop_tokens_end_some_rows_early_and_leave_the_others_alone(model, singl
     if packed:
         step = PackedDecoder.step
         monkeypatch.setattr(
-            PackedDecoder, "step", lambda self, ids, *a, **k: decoded_rows.append(len(ids)) or step(self, ids, *a, **k)
+            PackedDecoder,
+            "step",
+            lambda self, ids, *a, **k: decoded_rows.append(len(ids)) or step(self, ids, *a, **k),
         )
         hook = None
     else:

@@ -11,11 +11,11 @@ matrix each halves the calls. Together: the 124M model decoded 2.4-2.5x faster a
 1.6-1.7x at batch 8 than through `Transformer.forward` when measured on a 2-core EPYC; 1.18x and
 1.25x on the 2-core Xeon the same benchmark ran on later (benchmarks/bench_decode.py).
 Where torch is built with MKL, one layout beats both at every row count on that Xeon (the EPYC
-was not measured again): MKL's packed
-GEMM (cblas_sgemm_pack once, cblas_sgemm_compute per step), 27 vs 30 ms a SmolLM2-135M step of
-products at 1 row, 59 vs 71 ms (oneDNN's reordered weight, the previous choice) at 32 rows; a
-32-row rollout sampled 1.16x faster (paired median of 7 rounds). Elsewhere the column blocks serve
-up to 3 rows and oneDNN's layout from 4 on. Each layout is built when first needed.
+was not measured again): MKL's packed GEMM (cblas_sgemm_pack once, cblas_sgemm_compute per step),
+27 vs 30 ms a SmolLM2-135M step of products at 1 row, 59 vs 71 ms (oneDNN's reordered weight, the
+previous choice) at 32 rows; a 32-row rollout sampled 1.16x faster (paired median of 7 rounds).
+Elsewhere the column blocks serve up to 3 rows and oneDNN's layout from 4 on. Each layout is built
+when first needed.
 
 The rest of a step is op count, which the step keeps low: the rotary as one small matmul per layer
 (rotation matrices built once per step), F.rms_norm instead of the model's autograd norm, two
@@ -65,7 +65,7 @@ def packing_pays_off(model: Transformer) -> bool:
 # beat both layouts below at every row count on the 2-core Xeon (SmolLM2-135M's 121 matrices run in
 # turn, min of 4 rounds, 2 threads, ms a step): 27.1 vs 30.3 (column blocks) at 1 row, 40 vs 55
 # (oneDNN) at 8, 59 vs 71 at 32, 74 vs 101 at 64; packing took 0.21 s against oneDNN's 0.28 s. Results
-# do not depend on the packing's row count (tests/test_decode.py checks 1 to 32 rows).
+# do not depend on the packing's row count (tests/test_decode.py checks 1 to 70 rows).
 MKL_PACK_ROWS = 64
 MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
@@ -107,6 +107,9 @@ class PackedLinear:
         self._onednn: torch.Tensor | None = None
         self._mkl: torch.Tensor | None = None
         self._mkl_rows = 0  # the row count the MKL layout was packed for
+        # _mkl_linear's plain-weight argument, which it reads only when x's rows differ from the
+        # count it is given; they never do here, so a zero-stride stand-in (no memory) takes its place
+        self._mkl_stand_in = weights[0].new_zeros(()).expand(self.out_features, self.in_features)
 
     def _source(self) -> torch.Tensor:
         """The (out, in) weight: the model's tensor itself where there is one (an RL rollout repacks
@@ -168,10 +171,8 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, self.bias, "add")
 
     def _mkl_linear(self, x: torch.Tensor) -> torch.Tensor:
-        # The op falls back to its third argument, the plain weight, when x's rows differ from its
-        # last one; they never do here, so a zero-stride stand-in takes the weight's place.
-        stand_in = x.new_zeros(()).expand(self.out_features, self.in_features)
-        return torch.ops.mkl._mkl_linear(x, self._mkl_weight(x.shape[0]), stand_in, self.bias, x.shape[0])
+        rows = x.shape[0]
+        return torch.ops.mkl._mkl_linear(x, self._mkl_weight(rows), self._mkl_stand_in, self.bias, rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layout = self._layout(x.shape[0])
