@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmctl.errors import InputError
+from llmctl.model import transformer as transformer_module
 from llmctl.model.checkpoint import WEIGHTS_INDEX_FILE, load_model_folder, save_model_folder
 from llmctl.model.config import (
     PRESETS,
@@ -210,12 +211,27 @@ def test_rotary_and_swiglu_functions_match_autograd_of_plain_formulas():
     assert torch.autograd.gradcheck(lambda x, k: RotaryFunction.apply(x, k, cos_h, sin_h), (x, k))
 
 
+@pytest.fixture(params=["math", "flash"])
+def attention_kernel(request, monkeypatch):
+    """The fused attention half's two kernels: batched products with saved probabilities (short
+    sequences, the tests' own lengths) or the CPU flash kernel (forced by a threshold of 0). Yields
+    the list of _causal_attention calls, to check which one ran."""
+    calls = []
+    plain = transformer_module._causal_attention
+    monkeypatch.setattr(transformer_module, "_causal_attention", lambda *a: calls.append(1) or plain(*a))
+    if request.param == "flash":
+        monkeypatch.setattr(transformer_module, "MATH_ATTENTION_MAX_T", 0)
+    yield request.param, calls
+    assert bool(calls) == (request.param == "math")
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("per_head_tables", [True, False], ids=["per-head", "broadcast"])
-def test_fused_block_functions_have_exact_gradients(n_kv_head: int, per_head_tables: bool):
+def test_fused_block_functions_have_exact_gradients(n_kv_head: int, per_head_tables: bool, attention_kernel):
     """The fused CPU training halves (x + attn(norm(x)), x + mlp(norm(x))): gradcheck in float64 for
     every input, GQA included, with rotary tables per head (as Transformer.forward passes them
-    without position ids) and broadcast over heads (with position ids)."""
+    without position ids) and broadcast over heads (with position ids), through both attention
+    kernels."""
     torch.manual_seed(0)
     B, T, C, H, hd, hidden = 2, 5, 16, 4, 4, 24
 
@@ -244,12 +260,14 @@ def _loss_and_grads(model: Transformer, batches) -> tuple[float, dict[str, torch
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_training_blocks_match_the_module_path(monkeypatch, dtype):
+def test_fused_training_blocks_match_the_module_path(monkeypatch, dtype, n_kv_head, attention_kernel):
     """Training on CPU runs each block as the two fused Functions; loss and every gradient equal the
     module path's (Block._fused_weights forced to None), also with two forwards before one backward
-    (their temporaries share buffers). Inference, LoRA's hooks and masks take the module path."""
-    model = make_model().train().to(dtype)
+    (their temporaries share buffers), through both attention kernels. Inference, LoRA's hooks and
+    masks take the module path."""
+    model = make_model(n_kv_head=n_kv_head).train().to(dtype)
     batches = [(torch.randint(0, VOCAB, (2, 24)), torch.randint(0, VOCAB, (2, 24))) for _ in range(2)]
     calls = []
     fused_apply = AttentionBlockFunction.apply
