@@ -446,8 +446,10 @@ def _weight_grads(outputs_grads, inputs: torch.Tensor, needed) -> list[torch.Ten
 # backward. Below ~128 positions the CPU flash kernel's per-block small GEMMs lose to two plain bmm
 # calls and a softmax: at B12/H4/T64/hd32, forward+backward 0.72 ms against 1.48 ms; at T128 (hd 32
 # or 64) 1.3-1.5x faster; at T256 slower (4x forward at B8/H4/hd32), so longer sequences keep the
-# flash kernel. The probabilities kept per layer, B*H*T*T values, are H*T/C times one (B, T, C)
-# activation (2x at 4 heads, T64, C128), beside the ~10 such activations a layer keeps anyway.
+# flash kernel. On one thread the two are even (0.99x for the whole attention half, whose layout
+# copies eat the gain), so one thread keeps the flash kernel too. The probabilities kept per layer,
+# B*H*T*T values, are H*T/C times one (B, T, C) activation (2x at 4 heads, T64, C128), beside the
+# ~10 such activations a layer keeps anyway.
 MATH_ATTENTION_MAX_T = 128
 _CAUSAL_MASKS: dict[tuple, torch.Tensor] = {}
 
@@ -521,7 +523,7 @@ class AttentionBlockFunction(torch.autograd.Function):
         h, rstd = _rms_norm(x2, norm_weight, eps)
         hd = wq.shape[0] // n_head
         n_kv_head = wk.shape[0] // hd
-        math_attention = T <= MATH_ATTENTION_MAX_T
+        math_attention = T <= MATH_ATTENTION_MAX_T and torch.get_num_threads() > 1
         q = torch.mm(h, wq.t(), out=_scratch("attn.q", (B * T, n_head * hd), h)).view(B, T, n_head, hd)
         k = torch.mm(h, wk.t(), out=_scratch("attn.k", (B * T, n_kv_head * hd), h)).view(B, T, n_kv_head, hd)
         cos_k, sin_k = _first_heads(cos, k), _first_heads(sin, k)
