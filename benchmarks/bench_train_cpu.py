@@ -14,10 +14,10 @@ and rotary positions; the reference nanoGPT's module tree (its Dropout(0.0) call
 GELU MLP, LayerNorm and learned positions, no biases (`bias = False`, nanoGPT train.py's default). The
 MLP FLOPs are the same to rounding; parameter counts of both are printed. Both use tied embeddings;
 nanoGPT attends through causal SDPA, llmctl through what its model runs for CPU training (batched
-products up to 128 positions on more than one thread, the same flash kernel beyond); each side's AdamW is what its trainer makes on CPU: nanoGPT's configure_optimizers gives
-the per-parameter loop (fused only on CUDA), `llmctl pretrain` the fused kernel (optimizer.fused auto).
-The two models are timed in alternating rounds in one process, and
-each round's tokens/s is reported with the median, so machine noise hits both alike; the paired
+products up to 128 positions on more than one thread, the same flash kernel beyond). Each side's
+AdamW is what its trainer makes on CPU: nanoGPT's configure_optimizers gives the per-parameter loop
+(fused only on CUDA), `llmctl pretrain` the fused kernel (optimizer.fused auto). The two models are
+timed in alternating rounds in one process, and each round's tokens/s is reported with the median, so machine noise hits both alike; the paired
 ratio (median of each round's own ratio) is the steadier figure on a noisy machine.
 """
 

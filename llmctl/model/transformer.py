@@ -445,7 +445,7 @@ def _weight_grads(outputs_grads, inputs: torch.Tensor, needed) -> list[torch.Ten
 # Causal attention for short sequences as three batched products with the probabilities kept for
 # backward. Below ~128 positions the CPU flash kernel's per-block small GEMMs lose to two plain bmm
 # calls and a softmax: at B12/H4/T64/hd32, forward+backward 0.72 ms against 1.48 ms; at T128 (hd 32
-# or 64) 1.3-1.5x faster; at T256 slower (4x forward at B8/H4/hd32), so longer sequences keep the
+# or 64) 1.35-1.7x faster; at T256 slower (4x forward at B8/H4/hd32), so longer sequences keep the
 # flash kernel. On one thread the two are even (0.99x for the whole attention half, whose layout
 # copies eat the gain), so one thread keeps the flash kernel too. The probabilities kept per layer,
 # B*H*T*T values, are H*T/C times one (B, T, C) activation (2x at 4 heads, T64, C128), beside the
@@ -526,16 +526,15 @@ class AttentionBlockFunction(torch.autograd.Function):
         math_attention = T <= MATH_ATTENTION_MAX_T and torch.get_num_threads() > 1
         q = torch.mm(h, wq.t(), out=_scratch("attn.q", (B * T, n_head * hd), h)).view(B, T, n_head, hd)
         k = torch.mm(h, wk.t(), out=_scratch("attn.k", (B * T, n_kv_head * hd), h)).view(B, T, n_kv_head, hd)
-        cos_k, sin_k = _first_heads(cos, k), _first_heads(sin, k)
-        if math_attention:  # rotated straight into heads-first buffers, as the batched products want
-            q = _rotate_halves(q, cos, sin, 1.0, out=_heads_first(q)).transpose(1, 2)  # (B, n_head, T, hd)
-            k = _rotate_halves(k, cos_k, sin_k, 1.0, out=_heads_first(k)).transpose(1, 2)
-            v = (h @ wv.t()).view(B, T, n_kv_head, hd).transpose(1, 2).contiguous()
+        # The batched products want heads-first q and k: the rotation writes them so directly.
+        q_into, k_into = (_heads_first(q), _heads_first(k)) if math_attention else (None, None)
+        q = _rotate_halves(q, cos, sin, 1.0, out=q_into).transpose(1, 2)  # (B, n_head, T, hd)
+        k = _rotate_halves(k, _first_heads(cos, k), _first_heads(sin, k), 1.0, out=k_into).transpose(1, 2)
+        v = (h @ wv.t()).view(B, T, n_kv_head, hd).transpose(1, 2)
+        if math_attention:
+            v = v.contiguous()
             out, state = _causal_attention(q, k, v)  # state: the probabilities
         else:
-            q = _rotate_halves(q, cos, sin, 1.0).transpose(1, 2)  # (B, n_head, T, hd)
-            k = _rotate_halves(k, cos_k, sin_k, 1.0).transpose(1, 2)
-            v = (h @ wv.t()).view(B, T, n_kv_head, hd).transpose(1, 2)
             out, state = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
         y = out.transpose(1, 2).reshape(B * T, n_head * hd)  # flash: a view, out is laid out (B, T, H, hd)
         ctx.save_for_backward(x2, rstd, h, norm_weight, wq, wk, wv, wo, cos, sin, q, k, v, y, state)
